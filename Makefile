@@ -1,0 +1,28 @@
+# The two commands of the README: `make pipeline` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: pipeline test install clean
+
+install: $(VENV)/.installed
+
+# torch==2.13.0 first: the CPU build on local disk (an unpinned torch pulls a CUDA build).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[faiss-cpu,dev]'
+	touch $@
+
+pipeline: install
+	$(BIN)/dvc repro
+	$(BIN)/itm-pipeline metrics-table artifacts/metrics/base_test.json
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf artifacts

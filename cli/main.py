@@ -1,0 +1,54 @@
+"""`itm-pipeline`: one command per DVC stage plus utilities."""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from pipeline.errors import InputError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="itm-pipeline")
+def cli():
+    """Offline hard-negative mining and fine-tuning for image-text matching.
+
+    Every DVC stage in dvc.yaml runs one of these commands; `dvc repro` runs them all.
+    """
+
+
+def _register():
+    from cli.evaluate_sims import evaluate_sims
+    from cli.stage_commands import evaluate, list_models, metrics_table, prepare_data, train
+    from cli.validate_data import validate_data
+
+    for cmd in (prepare_data, validate_data, train, evaluate, evaluate_sims, metrics_table,
+                list_models):
+        cli.add_command(cmd)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; callable from tests. Bad input: one line on stderr, exit code 2."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        cli.main(args=argv, prog_name="itm-pipeline", standalone_mode=False)
+    except InputError as e:
+        click.echo(f"error: {e}", err=True)
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Reading a stage's section of params.yaml, and KEY=VALUE overrides."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import InputError
+
+
+def load_section(params_file: str | Path | None, section: str) -> dict:
+    if not params_file:
+        return {}
+    path = Path(params_file)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise InputError(path, "params file not found") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(path, f"unreadable YAML ({e.__class__.__name__})") from None
+    if section not in doc or not isinstance(doc[section], dict):
+        raise InputError(path, f"no '{section}' section")
+    return dict(doc[section])
+
+
+def parse_assignments(pairs: tuple[str, ...], flag: str) -> dict:
+    """('embed_size=256', 'no_imgnorm=true') -> {'embed_size': 256, 'no_imgnorm': True}."""
+    out = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(None, f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def pick(explicit, section: dict, key: str, default=None):
+    """Command-line value if given, else the params section's, else the default."""
+    if explicit is not None:
+        return explicit
+    return section.get(key, default)

@@ -1,0 +1,339 @@
+"""The one training loop shared by every model.
+
+- Step LR decay, grad clipping, VSE∞-style warm-up (sum over negatives for
+  `warmup_epochs`, then max-violation).
+- Dev-split model selection by rsum (never the test split).
+- Exact resume: the batch order of an epoch is a pure function of (seed, epoch), the
+  data augmentation of a pair a pure function of (seed, epoch, caption index) and the LR a
+  pure function of the epoch, so a run restored from its last state (weights, optimizer,
+  torch RNG, position in the epoch) continues bit for bit like an uninterrupted one.
+- Artifacts: `checkpoint/` (best dev rsum: safetensors + config.json + vocab.json),
+  `state/` (resume), `train_log.tsv` (per-epoch metrics for `dvc plots`),
+  `train_metrics.json` (summary for `dvc metrics`). All written atomically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pipeline.checkpoint import load_state_dict, save_checkpoint
+from pipeline.data.datasets import PairDataset, collate_pairs
+from pipeline.embeddings import encode_split
+from pipeline.errors import InputError
+from pipeline.evaluation.protocols import evaluate_embeddings
+from pipeline.io import atomic_dir, write_json, write_text
+
+LOG_COLUMNS = ["epoch", "lr", "max_violation", "train_loss", "dev_i2t_r1", "dev_i2t_r5",
+               "dev_i2t_r10", "dev_t2i_r1", "dev_t2i_r5", "dev_t2i_r10", "dev_rsum", "seconds"]
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 25
+    batch_size: int = 128
+    optimizer: str = "adamw"          # adam | adamw
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    lr_update: int = 15               # multiply the LR by lr_decay every lr_update epochs
+    lr_decay: float = 0.1
+    grad_clip: float = 2.0            # max grad norm; 0 disables
+    margin: float = 0.2
+    warmup_epochs: int = 0            # epochs summing over all negatives before max-violation
+    max_violation: bool = True        # after warm-up
+    mask_same_image: bool = False     # other captions of the anchor's image are not negatives
+    region_drop: float = 0.0
+    token_aug: float = 0.0
+    seed: int = 0
+    num_workers: int = 0
+    save_every_steps: int = 0         # also save resume state every N steps (0: end of epoch only)
+    eval_batch_size: int = 256
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "train settings") -> "TrainSettings":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise InputError(source, f"unknown training option(s) {unknown} (known: {sorted(known)})")
+        out = {}
+        for k, v in values.items():
+            typ = type(getattr(cls(), k))
+            try:
+                out[k] = typ(v) if typ is not bool else _as_bool(v)
+            except (TypeError, ValueError):
+                raise InputError(source, f"option {k}={v!r} is not a valid {typ.__name__}") from None
+        s = cls(**out)
+        if s.optimizer not in ("adam", "adamw"):
+            raise InputError(source, f"optimizer must be adam or adamw, got {s.optimizer!r}")
+        if s.epochs < 1 or s.batch_size < 2 or s.lr_update < 1:
+            raise InputError(source, "epochs >= 1, batch_size >= 2 and lr_update >= 1 are required")
+        return s
+
+
+def _as_bool(v) -> bool:
+    if isinstance(v, str):
+        if v.lower() in ("1", "true", "yes", "on"):
+            return True
+        if v.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(v)
+    return bool(v)
+
+
+Objective = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+
+
+def triplet_objective(model, batch, *, epoch: int, settings: TrainSettings):
+    """VSE++ hinge; sums over negatives during the warm-up epochs."""
+    max_violation = settings.max_violation and epoch >= settings.warmup_epochs
+    return model.training_loss(batch, max_violation=max_violation, margin=settings.margin,
+                               mask_same_image=settings.mask_same_image)
+
+
+def epoch_lr(settings: TrainSettings, epoch: int) -> float:
+    return settings.lr * settings.lr_decay ** (epoch // settings.lr_update)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's batches of caption indices; a pure function of (seed, epoch). The last
+    incomplete batch is dropped (a tiny batch makes the hardest-negative loss noisy)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    return [perm[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(None, f"--device {device} requested but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(self, model, vocab, train_split, dev_split, settings: TrainSettings,
+                 out_dir: str | Path, *, device: str = "cpu", progress: bool = True,
+                 objective: Objective = triplet_objective, meta: dict | None = None):
+        self.model = model
+        self.vocab = vocab
+        self.train_split = train_split
+        self.dev_split = dev_split
+        self.s = settings
+        self.out = Path(out_dir)
+        self.device = resolve_device(device)
+        self.progress = progress
+        self.objective = objective
+        self.meta = dict(meta or {})
+        self.model.to(self.device)
+        groups = self.model.param_groups(settings.lr, settings.weight_decay)
+        for g in groups:
+            g.setdefault("lr_scale", g["lr"] / settings.lr if settings.lr else 1.0)
+        opt_cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.dataset = PairDataset(train_split, vocab, train=True, region_drop=settings.region_drop,
+                                   token_aug=settings.token_aug, seed=settings.seed)
+        # position and bookkeeping
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.epoch_loss_sum = 0.0
+        self.best_rsum = -math.inf
+        self.best_epoch = -1
+        self.history: list[dict] = []
+
+    # ----------------------------------------------------------------- state
+    @property
+    def state_dir(self) -> Path:
+        return self.out / "state"
+
+    def save_state(self) -> None:
+        opt = self.optimizer.state_dict()
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        scalars = {}
+        for pid, st in opt["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"optim.{pid}.{k}"] = v
+                else:
+                    scalars[f"{pid}.{k}"] = v
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        trainer = {
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step, "epoch_loss_sum": self.epoch_loss_sum,
+            "best_rsum": self.best_rsum if math.isfinite(self.best_rsum) else None,
+            "best_epoch": self.best_epoch, "history": self.history,
+            "settings": dataclasses.asdict(self.s), "model_config": self.model.config,
+            "param_groups": opt["param_groups"], "optim_scalars": scalars,
+        }
+        with atomic_dir(self.state_dir) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                      str(tmp / "state.safetensors"))
+            (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1) + "\n")
+
+    def load_state(self) -> bool:
+        meta_path = self.state_dir / "trainer.json"
+        if not meta_path.exists():
+            return False
+        try:
+            trainer = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(meta_path, f"unreadable resume state ({e.__class__.__name__})") from None
+        if trainer.get("model_config") != self.model.config:
+            raise InputError(meta_path, "resume state was written for a different model config")
+        saved = {k: v for k, v in trainer.get("settings", {}).items() if k != "num_workers"}
+        now = {k: v for k, v in dataclasses.asdict(self.s).items() if k != "num_workers"}
+        if saved != now:
+            diff = sorted(k for k in now if saved.get(k) != now[k])
+            raise InputError(meta_path, f"resume state has different training settings {diff}")
+        tensors = load_state_dict(self.state_dir / "state.safetensors")
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, pid, name = k.split(".", 2)
+                state.setdefault(int(pid), {})[name] = v.to(self.device)
+        for k, v in trainer["optim_scalars"].items():
+            pid, name = k.split(".", 1)
+            state.setdefault(int(pid), {})[name] = v
+        self.optimizer.load_state_dict({"state": state, "param_groups": trainer["param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        self.epoch = trainer["epoch"]
+        self.step_in_epoch = trainer["step_in_epoch"]
+        self.global_step = trainer["global_step"]
+        self.epoch_loss_sum = trainer["epoch_loss_sum"]
+        self.best_rsum = trainer["best_rsum"] if trainer["best_rsum"] is not None else -math.inf
+        self.best_epoch = trainer["best_epoch"]
+        self.history = trainer["history"]
+        return True
+
+    # ----------------------------------------------------------------- evaluation
+    def evaluate_dev(self) -> dict:
+        img, cap = encode_split(self.model, self.dev_split, self.vocab,
+                                batch_size=self.s.eval_batch_size, device=str(self.device))
+        return evaluate_embeddings(img, cap, "full")
+
+    # ----------------------------------------------------------------- logs
+    def write_logs(self) -> None:
+        lines = ["\t".join(LOG_COLUMNS)]
+        for row in self.history:
+            lines.append("\t".join(_fmt(row.get(c)) for c in LOG_COLUMNS))
+        write_text(self.out / "train_log.tsv", "\n".join(lines) + "\n")
+        best = next((r for r in self.history if r["epoch"] == self.best_epoch), None)
+        summary = {"best_epoch": self.best_epoch,
+                   "best_dev_rsum": round(self.best_rsum, 4) if math.isfinite(self.best_rsum) else None,
+                   "epochs": len(self.history),
+                   "train_seconds": round(sum(r["seconds"] for r in self.history), 2)}
+        if best:
+            summary.update({k: best[k] for k in LOG_COLUMNS if k.startswith("dev_")})
+        write_json(self.out / "train_metrics.json", summary)
+
+    # ----------------------------------------------------------------- loop
+    def run(self, *, resume: bool = False, stop_after_steps: int | None = None,
+            kill_after_steps: int | None = None) -> dict:
+        """Train to the last epoch. stop_after_steps returns early and kill_after_steps
+        SIGKILLs the process (both for resume tests)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume and self.load_state():
+            tqdm.write(f"resuming at epoch {self.epoch + 1}, step {self.step_in_epoch}")
+        else:
+            torch.manual_seed(self.s.seed)
+        s = self.s
+        while self.epoch < s.epochs:
+            t0 = time.perf_counter()
+            lr = epoch_lr(s, self.epoch)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+            self.dataset.set_epoch(self.epoch)
+            batches = epoch_batches(len(self.dataset), s.batch_size, s.seed, self.epoch)
+            if not batches:
+                raise InputError(None, f"batch_size {s.batch_size} exceeds the {len(self.dataset)} training captions")
+            loader = DataLoader(self.dataset, batch_sampler=batches[self.step_in_epoch:],
+                                collate_fn=collate_pairs, num_workers=s.num_workers,
+                                worker_init_fn=_worker_init if s.num_workers else None)
+            self.model.train()
+            bar = tqdm(loader, total=len(batches), initial=self.step_in_epoch,
+                       desc=f"epoch {self.epoch + 1}/{s.epochs}", disable=not self.progress,
+                       dynamic_ncols=True)
+            for batch in bar:
+                loss, logs = self.objective(self.model, _to(batch, self.device),
+                                            epoch=self.epoch, settings=s)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"non-finite loss at epoch {self.epoch + 1} step {self.step_in_epoch}")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if s.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+                self.optimizer.step()
+                self.step_in_epoch += 1
+                self.global_step += 1
+                self.epoch_loss_sum += float(loss.detach())
+                bar.set_postfix(loss=f"{self.epoch_loss_sum / self.step_in_epoch:.3f}", lr=f"{lr:.1e}")
+                if s.save_every_steps and self.global_step % s.save_every_steps == 0 \
+                        and self.step_in_epoch < len(batches):
+                    self.save_state()
+                if kill_after_steps is not None and self.global_step >= kill_after_steps:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if stop_after_steps is not None and self.global_step >= stop_after_steps:
+                    bar.close()
+                    return {"stopped_at_step": self.global_step}
+            bar.close()
+            dev = self.evaluate_dev()
+            row = {"epoch": self.epoch + 1, "lr": lr,
+                   "max_violation": int(s.max_violation and self.epoch >= s.warmup_epochs),
+                   "train_loss": self.epoch_loss_sum / max(len(batches), 1),
+                   **{f"dev_{k}": v for k, v in dev.items() if k != "protocol"},
+                   "seconds": time.perf_counter() - t0}
+            self.history.append(row)
+            improved = dev["rsum"] > self.best_rsum
+            if improved:
+                self.best_rsum, self.best_epoch = dev["rsum"], self.epoch + 1
+                save_checkpoint(self.out / "checkpoint", self.model, self.vocab,
+                                {**self.meta, "epoch": self.epoch + 1, "dev_rsum": dev["rsum"],
+                                 "train_settings": dataclasses.asdict(s)})
+            tqdm.write(f"epoch {self.epoch + 1}: loss {row['train_loss']:.4f}  dev rsum "
+                       f"{dev['rsum']:.1f} (R@1 i2t {dev['i2t_r1']:.1f} t2i {dev['t2i_r1']:.1f})"
+                       f"{'  *best' if improved else ''}  {row['seconds']:.0f}s")
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.epoch_loss_sum = 0.0
+            self.write_logs()
+            self.save_state()
+        return {"best_epoch": self.best_epoch, "best_dev_rsum": self.best_rsum,
+                "checkpoint": str(self.out / "checkpoint")}
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _worker_init(_):
+    # forked workers must not oversubscribe the cores (and faiss/openmp can deadlock)
+    torch.set_num_threads(1)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+    except ImportError:
+        pass

@@ -1,0 +1,17 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A tiny embedded dataset (SCAN precomp layout), generated once per test session."""
+    from pipeline.data.synthetic import SyntheticConfig, generate
+
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    generate(out, SyntheticConfig(n_train=100, n_dev=25, n_test=25, feature_dim=16, seed=0),
+             progress=False)
+    return out

@@ -1,0 +1,111 @@
+"""Bad input: one line on stderr naming the file, exit code 2, no partial artifact."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cli.main import main
+
+CAPTIONS = ["a red car left of a small dog on a beach .", "a small dog to the right of a red car .",
+            "on a beach a red car and a dog .", "a car is left of a dog .", "red car , small dog , beach ."]
+
+
+@pytest.fixture
+def good_data(tmp_path):
+    d = tmp_path / "precomp"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("dev", 2)):
+        np.save(d / f"{split}_ims.npy", rng.standard_normal((n, 36, 8)).astype(np.float32))
+        (d / f"{split}_caps.txt").write_text("\n".join(CAPTIONS * n) + "\n")
+    from pipeline.data.vocab import build_vocab
+    build_vocab(CAPTIONS * 4, threshold=1).save(d / "vocab.json")
+    return d
+
+
+def _corrupt(d, kind):
+    ims = d / "train_ims.npy"
+    if kind == "missing":
+        ims.unlink()
+    elif kind == "four_captions":
+        (d / "train_caps.txt").write_text("\n".join(CAPTIONS[:4] * 4) + "\n")
+        return "train_caps.txt"
+    elif kind == "nan":
+        a = np.load(ims)
+        a[2, 5, 3] = np.nan
+        np.save(ims, a)
+    elif kind == "inf":
+        a = np.load(ims)
+        a[1, 0, 0] = np.inf
+        np.save(ims, a)
+    elif kind == "wrong_shape":
+        np.save(ims, np.zeros((4, 36 * 8), np.float32))
+    elif kind == "corrupt":
+        ims.write_bytes(b"\x93NUMPY garbage" + os.urandom(64))
+    elif kind == "truncated":
+        data = ims.read_bytes()
+        ims.write_bytes(data[: len(data) // 2])
+    elif kind == "empty_line":
+        lines = CAPTIONS * 4
+        lines[7] = ""
+        (d / "train_caps.txt").write_text("\n".join(lines) + "\n")
+        return "train_caps.txt"
+    return "train_ims.npy"
+
+
+BAD = ["missing", "four_captions", "nan", "inf", "wrong_shape", "corrupt", "truncated", "empty_line"]
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_validate_data_bad_input(good_data, kind, capsys):
+    name = _corrupt(good_data, kind)
+    rc = main(["validate-data", str(good_data), "--split", "train"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("error:") and "\n" not in err and name in err, err
+
+
+@pytest.mark.parametrize("kind", ["four_captions", "nan", "corrupt"])
+def test_train_bad_input_leaves_no_artifact(good_data, tmp_path, kind, capsys):
+    name = _corrupt(good_data, kind)
+    out = tmp_path / "run"
+    rc = main(["train", "--model", "vsepp", "--data", str(good_data), "--out", str(out),
+               "--epochs", "1", "--batch-size", "4", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and name in err and "\n" not in err
+    assert not (out / "checkpoint").exists()
+
+
+def test_good_data_validates(good_data, capsys):
+    assert main(["validate-data", str(good_data)]) == 0
+    assert "train" in capsys.readouterr().out
+
+
+def test_console_script_exit_code(good_data):
+    """The installed `itm-pipeline` script itself: one line, exit 2, no traceback."""
+    _corrupt(good_data, "nan")
+    exe = shutil.which("itm-pipeline") or os.path.join(os.path.dirname(sys.executable), "itm-pipeline")
+    proc = subprocess.run([exe, "validate-data", str(good_data)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "train_ims.npy" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_model_and_bad_option(good_data, tmp_path, capsys):
+    assert main(["train", "--model", "nope", "--data", str(good_data), "--out", str(tmp_path / "r")]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["train", "--model", "vsepp", "--data", str(good_data), "--out", str(tmp_path / "r"),
+                 "--model-option", "embed_sise=3"]) == 2
+    assert "embed_sise" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "none"), "--data", str(good_data)]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+
+
+def test_help_lists_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("prepare-data", "train", "evaluate", "evaluate-sims", "validate-data"):
+        assert cmd in out

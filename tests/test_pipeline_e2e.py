@@ -1,0 +1,46 @@
+"""End to end: the real dvc.yaml on smoke-sized params, then a no-op second `dvc repro`."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+METRIC_KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr", "t2i_r1", "t2i_r5",
+               "t2i_r10", "t2i_medr", "t2i_meanr", "rsum", "protocol"}
+
+
+def _dvc(args, cwd):
+    bindir = os.path.dirname(sys.executable)
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"],
+           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([os.path.join(bindir, "dvc"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_dvc_repro_smoke(tmp_path):
+    work = tmp_path / "project"
+    work.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
+    shutil.copy(ROOT / "params.smoke.yaml", work / "params.yaml")
+    shutil.copytree(ROOT / "configs", work / "configs")
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    _dvc(["init", "-q"], work)
+    out = _dvc(["repro"], work)
+    for stage in ("prepare", "train_base", "evaluate_base"):
+        assert f"Running stage '{stage}'" in out
+    metrics = json.loads((work / "artifacts/metrics/base_test.json").read_text())
+    assert set(metrics) == METRIC_KEYS and metrics["protocol"] == "full"
+    groups = json.loads((work / "artifacts/metrics/base_test_groups.json").read_text())
+    assert {"family", "random", "pairwise"} <= set(groups)
+    assert (work / "dvc.lock").exists()
+    again = _dvc(["repro"], work)
+    assert "Running stage" not in again, again
+    shown = _dvc(["metrics", "show"], work)
+    assert "base_test.json" in shown and "rsum" in shown
