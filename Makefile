@@ -12,7 +12,6 @@ install: $(VENV)/.installed
 # torch==2.13.0 first: the CPU build on local disk (an unpinned torch pulls a CUDA build).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[faiss-cpu,dev]'
 	touch $@

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.data.vocab import Vocab
@@ -60,7 +60,7 @@ def load_state_dict(file: str | Path, device: str | torch.device = "cpu") -> dic
         return load_file(str(file), device=str(device))
     except FileNotFoundError:
         raise InputError(file, "weights file not found") from None
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise InputError(file, f"unreadable safetensors file ({e})") from None
 
 

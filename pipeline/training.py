@@ -267,6 +267,7 @@ class Trainer:
                 raise InputError(None, f"batch_size {s.batch_size} exceeds the {len(self.dataset)} training captions")
             loader = DataLoader(self.dataset, batch_sampler=batches[self.step_in_epoch:],
                                 collate_fn=collate_pairs, num_workers=s.num_workers,
+                                generator=torch.Generator(),  # keep the global RNG untouched
                                 worker_init_fn=_worker_init if s.num_workers else None)
             self.model.train()
             bar = tqdm(loader, total=len(batches), initial=self.step_in_epoch,

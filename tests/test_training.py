@@ -64,7 +64,7 @@ def test_resume_after_sigkill_is_exact(tiny_data, tmp_path):
             "--epochs", "2", "--batch-size", "16", "--seed", "5", "--quiet",
             "--model-option", "embed_size=16", "--model-option", "word_dim=8",
             "--train-option", "save_every_steps=5", "--train-option", "lr_update=1"]
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
     ref = tmp_path / "ref"
     subprocess.run(base + ["--out", str(ref)], check=True, env=env, capture_output=True)
     killed = tmp_path / "killed"

@@ -3,7 +3,8 @@
 nltk's punkt models cannot be downloaded here, so tokenisation is a regex that follows
 the Penn-Treebank conventions nltk's `word_tokenize` applies to captions: lower-case,
 punctuation split off, clitics ("n't", "'s", "'re", ...) split from their word,
-hyphenated words and decimal numbers kept whole.
+"cannot" split, hyphenated words, ordinals and decimal numbers kept whole, letters of
+any script.
 """
 from __future__ import annotations
 
@@ -20,21 +21,30 @@ SPECIALS = (PAD, START, END, UNK)
 
 _TOKEN_RE = re.compile(
     r"""
-    [a-z]+(?=n't\b)                 # "do" of "don't"
+    \w+(?=n't\b)                    # "do" of "don't", "ca" of "can't"
     | n't\b                         # the negation clitic
     | '(?:s|re|ve|ll|d|m)\b         # other clitics
-    | \d+(?:[.,:]\d+)*              # numbers: 3.5  1,000  10:30
-    | [a-z0-9]+(?:[-_][a-z0-9]+)*   # words, hyphenated words
+    | \bcan(?=not\b)                # "cannot" -> "can" "not"
+    | \d+(?:[.,:]\d+)+              # numbers with separators: 3.5  1,000  10:30
+    | \w+(?:-\w+)*                  # words in any script, 12th, hyphenated (2-year-old)
     | \.\.\.                        # ellipsis
-    | [^\sa-z0-9]                   # any other single symbol
+    | [^\s\w]                       # any other single symbol
     """,
     re.VERBOSE,
 )
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-case word tokens of a caption."""
-    return _TOKEN_RE.findall(text.lower())
+    """Lower-case word tokens of a caption; double quotes become `` and '' as in nltk."""
+    text = text.lower()
+    tokens = []
+    for m in _TOKEN_RE.finditer(text):
+        tok = m.group()
+        if tok == '"':
+            before = text[m.start() - 1] if m.start() else " "
+            tok = "``" if before.isspace() or before in "([{<" else "''"
+        tokens.append(tok)
+    return tokens
 
 
 class Vocab:

@@ -1,0 +1,395 @@
+"""Readers and validation for SCAN "precomp" folders (real data and our synthetic one).
+
+Layout of one split (see SPEC §2):
+
+    {split}_ims.npy        float (N_rows, R, F) region features, opened with mmap_mode='r'
+    {split}.h5             alternative: HDF5 file with dataset 'feat' of the same shape
+    {split}_caps.txt       one raw caption per line, 5 consecutive lines per image
+    {split}_precaps.txt    alternative (BFAN): comma-separated word ids per line
+    {split}_ids.txt        optional: one image id per line
+
+Feature arrays are never loaded whole: rows are read on demand. Some test files repeat each
+image row 5 times (one row per caption); that is inferred from the shapes.
+Every problem with an input is raised as an `InputError` naming the offending file.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import InputError
+
+CAPTIONS_PER_IMAGE = 5
+SPLITS = ("train", "dev", "test", "testall")
+CHECK_FINITE_MODES = ("auto", "full", "sample", "none")
+FULL_CHECK_LIMIT_BYTES = 2 * 1024**3     # "auto": full scan below this file size
+SAMPLE_ROWS = 1000                       # "sample": rows checked, evenly spaced
+_CHUNK_BYTES = 64 * 1024**2              # full scan reads this much at a time
+
+
+def features_candidates(data_dir: str | Path, split: str) -> list[Path]:
+    """Feature files looked for, in order of preference."""
+    data_dir = Path(data_dir)
+    return [data_dir / f"{split}_ims.npy", data_dir / f"{split}.h5"]
+
+
+def split_present(data_dir: str | Path, split: str) -> bool:
+    return any(p.is_file() for p in features_candidates(data_dir, split))
+
+
+@dataclass(eq=False)
+class PrecompSplit:
+    data_dir: Path
+    split: str
+    features: Any = field(repr=False)          # np.memmap or h5py.Dataset, (N_rows, R, F)
+    features_path: Path
+    captions: list[str] | None = field(repr=False)
+    precaps: list[list[int]] | None = field(repr=False)
+    captions_path: Path
+    ids: list[str] | None = field(repr=False)
+    rows_per_image: int
+    n_images: int
+    n_captions: int
+    n_regions: int
+    feature_dim: int
+
+    # -- storage ---------------------------------------------------------------------------
+    @property
+    def storage(self) -> str:
+        return "h5" if self.features_path.suffix == ".h5" else "npy"
+
+    @property
+    def caption_source(self) -> str:
+        return self.captions_path.name
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_images * self.rows_per_image
+
+    def _feat(self):
+        """The feature array, reopened after a fork or unpickling (h5py handles and memmaps
+        are not shared safely across processes; DataLoader workers get their own)."""
+        if self.features is None or getattr(self, "_pid", None) != os.getpid():
+            self.features, self._h5file = _open_features(self.features_path)[:2]
+            self._pid = os.getpid()
+        return self.features
+
+    def __post_init__(self):
+        self._pid = os.getpid()
+        self._h5file = None
+
+    def __getstate__(self):
+        # Never pickle the array: a memmap would be pickled as a full in-memory copy.
+        state = dict(self.__dict__)
+        state["features"] = None
+        state["_h5file"] = None
+        state["_pid"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._feat()  # reopen in the receiving process (cheap: nothing is read)
+
+    def close(self) -> None:
+        if getattr(self, "_h5file", None) is not None:
+            self._h5file.close()
+            self._h5file = None
+        self.features = None
+
+    # -- rows ------------------------------------------------------------------------------
+    def _check_index(self, i: int) -> int:
+        i = int(i)
+        if not 0 <= i < self.n_images:
+            raise IndexError(f"image index {i} out of range [0, {self.n_images})")
+        return i
+
+    def _ensure_finite(self, block: np.ndarray, rows: np.ndarray) -> None:
+        ok = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+        if not ok.all():
+            bad = int(np.min(np.asarray(rows)[~ok]))
+            raise InputError(self.features_path, f"row {bad} has NaN/inf values")
+
+    def image_features(self, i: int) -> np.ndarray:
+        """(R, F) float32 copy of unique image i."""
+        row = self._check_index(i) * self.rows_per_image
+        out = np.array(self._feat()[row], dtype=np.float32)
+        self._ensure_finite(out[None], np.array([row]))
+        return out
+
+    def image_rows(self, idx) -> np.ndarray:
+        """(len(idx), R, F) float32 for several unique images, in the order given."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        out = np.empty((len(idx), self.n_regions, self.feature_dim), dtype=np.float32)
+        if len(idx) == 0:
+            return out
+        if idx.min() < 0 or idx.max() >= self.n_images:
+            raise IndexError(f"image index out of range [0, {self.n_images})")
+        rows = idx * self.rows_per_image
+        order = np.argsort(rows, kind="stable")
+        feat = self._feat()
+        if self.storage == "npy":
+            out[order] = feat[rows[order]]              # sorted reads on the memmap
+        else:
+            # never fancy-index a chunked HDF5 dataset: a per-item loop is much faster
+            for k in order:
+                out[k] = feat[int(rows[k])]
+        self._ensure_finite(out, rows)
+        return out
+
+
+# -- opening -------------------------------------------------------------------------------
+def _open_features(path: Path):
+    """(array, h5file or None) for an npy or h5 feature file; InputError when unreadable."""
+    if path.suffix == ".h5":
+        import h5py
+
+        try:
+            f = h5py.File(path, "r")
+        except (OSError, ValueError) as e:
+            raise InputError(path, f"unreadable HDF5 file ({_short(e)})") from None
+        try:
+            ds = f["feat"]
+        except KeyError:
+            keys = ", ".join(sorted(f.keys())) or "none"
+            f.close()
+            raise InputError(path, f"no dataset 'feat' in HDF5 file (found: {keys})") from None
+        except (OSError, ValueError) as e:
+            f.close()
+            raise InputError(path, f"unreadable HDF5 file ({_short(e)})") from None
+        if not isinstance(ds, h5py.Dataset):
+            f.close()
+            raise InputError(path, "'feat' is not a dataset")
+        return ds, f
+    _check_npy_header(path)
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError, TypeError) as e:
+        raise InputError(path, f"unreadable or corrupt .npy file ({_short(e)})") from None
+    if not isinstance(arr, np.ndarray):
+        raise InputError(path, "not a single .npy array")
+    return arr, None
+
+
+def _check_npy_header(path: Path) -> None:
+    """Clear messages for the common ways an .npy file is broken (not npy, truncated)."""
+    fmt = np.lib.format
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise InputError(path, "empty file (not a .npy array)")
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise InputError(path, "not a .npy file (no NumPy header); corrupt or another format")
+            f.seek(0)
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = fmt.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = fmt.read_array_header_2_0(f)
+            else:
+                return  # leave newer versions to np.load
+            offset = f.tell()
+    except InputError:
+        raise
+    except (ValueError, OSError, EOFError, TypeError) as e:
+        raise InputError(path, f"unreadable or corrupt .npy file ({_short(e)})") from None
+    if dtype.hasobject:
+        raise InputError(path, "the .npy file holds Python objects, not numbers")
+    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    have = size - offset
+    if have < need:
+        raise InputError(path, f"truncated .npy file: shape {tuple(shape)} {dtype} needs {need} bytes "
+                               f"of data, the file has {have}")
+
+
+def _short(e: Exception) -> str:
+    msg = " ".join(str(e).split())
+    if len(msg) > 160:
+        msg = msg[:157] + "..."
+    return f"{e.__class__.__name__}: {msg}" if msg else e.__class__.__name__
+
+
+def _read_lines(path: Path) -> list[str]:
+    """Lines of a UTF-8 text file without line endings; trailing blank lines dropped."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError(path, f"cannot read file ({_short(e)})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(path, f"not UTF-8 text (line {line}, byte offset {e.start})") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    lines = [ln.rstrip("\r") for ln in text.split("\n")]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines
+
+
+def _read_captions(path: Path) -> list[str]:
+    lines = _read_lines(path)
+    out = []
+    for n, ln in enumerate(lines, 1):
+        s = ln.strip()
+        if not s:
+            raise InputError(path, f"line {n} is empty")
+        out.append(s)
+    return out
+
+
+def _read_precaps(path: Path) -> list[list[int]]:
+    out = []
+    for n, ln in enumerate(_read_lines(path), 1):
+        s = ln.strip().strip(",")
+        if not s:
+            raise InputError(path, f"line {n} is empty")
+        try:
+            ids = [int(t) for t in s.split(",")]
+        except ValueError:
+            raise InputError(path, f"line {n} is not comma-separated word ids: {s[:60]!r}") from None
+        if min(ids) < 0:
+            raise InputError(path, f"line {n} has a negative word id")
+        out.append(ids)
+    return out
+
+
+def _check_finite(path: Path, feat, n_rows: int, row_bytes: int, mode: str) -> None:
+    if mode == "auto":
+        mode = "full" if path.stat().st_size < FULL_CHECK_LIMIT_BYTES else "sample"
+    if mode == "none" or n_rows == 0:
+        return
+
+    def check(block: np.ndarray, rows: np.ndarray) -> None:
+        ok = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+        if not ok.all():
+            raise InputError(path, f"row {int(rows[np.argmin(ok)])} has NaN/inf values")
+
+    if mode == "full":
+        step = max(1, _CHUNK_BYTES // max(1, row_bytes))
+        for a in range(0, n_rows, step):
+            b = min(n_rows, a + step)
+            check(np.asarray(feat[a:b]), np.arange(a, b))
+    else:  # sample
+        rows = np.unique(np.linspace(0, n_rows - 1, min(n_rows, SAMPLE_ROWS)).astype(np.int64))
+        for r in rows:  # per item: works for memmaps and chunked h5 alike
+            check(np.asarray(feat[int(r)])[None], np.array([r]))
+
+
+def open_split(data_dir: str | Path, split: str, *, expected_dim: int | None = None,
+               check_finite: str = "auto") -> PrecompSplit:
+    """Open and validate one split of a precomp folder (features stay on disk)."""
+    data_dir = Path(data_dir)
+    if check_finite not in CHECK_FINITE_MODES:
+        raise InputError("check_finite", f"must be one of {', '.join(CHECK_FINITE_MODES)}, got {check_finite!r}")
+    if not data_dir.is_dir():
+        raise InputError(data_dir, "data folder not found" if not data_dir.exists() else "not a folder")
+
+    # features
+    cands = features_candidates(data_dir, split)
+    features_path = next((p for p in cands if p.is_file()), None)
+    if features_path is None:
+        raise InputError(cands[0], f"features file for split {split!r} not found "
+                                   f"(looked for {', '.join(str(p) for p in cands)})")
+    feat, h5file = _open_features(features_path)
+    try:
+        shape = tuple(int(s) for s in feat.shape)
+        if len(shape) != 3:
+            raise InputError(features_path, f"expected (N_images, regions, features), got shape {shape}")
+        if not np.issubdtype(feat.dtype, np.floating):
+            raise InputError(features_path, f"features must be floating point, got dtype {feat.dtype}")
+        n_rows, n_regions, dim = shape
+        if n_rows == 0 or n_regions == 0 or dim == 0:
+            raise InputError(features_path, f"empty feature array, shape {shape}")
+        if expected_dim is not None and dim != int(expected_dim):
+            raise InputError(features_path, f"feature width is {dim}, expected {int(expected_dim)}")
+
+        # captions
+        caps_path = data_dir / f"{split}_caps.txt"
+        precaps_path = data_dir / f"{split}_precaps.txt"
+        captions = precaps = None
+        if caps_path.is_file():
+            captions_path = caps_path
+            captions = _read_captions(caps_path)
+            n_caps = len(captions)
+        elif precaps_path.is_file():
+            captions_path = precaps_path
+            precaps = _read_precaps(precaps_path)
+            n_caps = len(precaps)
+        else:
+            raise InputError(caps_path, f"caption file for split {split!r} not found "
+                                        f"(looked for {caps_path.name} and {precaps_path.name})")
+        if n_caps == 0:
+            raise InputError(captions_path, "no captions")
+
+        # image/caption ratio (SCAN's im_div): one feature row per caption means 5 rows per image
+        if n_rows == n_caps and n_rows % CAPTIONS_PER_IMAGE == 0 and n_rows != 0:
+            rows_per_image = CAPTIONS_PER_IMAGE
+            n_images = n_rows // CAPTIONS_PER_IMAGE
+        else:
+            rows_per_image = 1
+            n_images = n_rows
+        if n_caps != CAPTIONS_PER_IMAGE * n_images:
+            raise InputError(captions_path,
+                             f"{n_caps} captions for {n_images} images ({features_path.name}): "
+                             f"expected {CAPTIONS_PER_IMAGE} per image ({CAPTIONS_PER_IMAGE * n_images})")
+
+        # ids (optional): one per unique image, or one per feature row when rows repeat
+        ids = None
+        ids_path = data_dir / f"{split}_ids.txt"
+        if ids_path.is_file():
+            ids = [s.strip() for s in _read_lines(ids_path)]
+            if len(ids) == n_rows and rows_per_image > 1:
+                ids = ids[::rows_per_image]
+            if len(ids) != n_images:
+                raise InputError(ids_path, f"{len(ids)} ids for {n_images} images")
+            empty = next((k for k, s in enumerate(ids) if not s), None)
+            if empty is not None:
+                raise InputError(ids_path, f"line {empty + 1} is empty")
+
+        _check_finite(features_path, feat, n_rows, n_regions * dim * feat.dtype.itemsize, check_finite)
+    except BaseException:
+        if h5file is not None:
+            h5file.close()
+        raise
+
+    sp = PrecompSplit(
+        data_dir=data_dir, split=split, features=feat, features_path=features_path,
+        captions=captions, precaps=precaps, captions_path=captions_path, ids=ids,
+        rows_per_image=rows_per_image, n_images=n_images, n_captions=n_caps,
+        n_regions=n_regions, feature_dim=dim,
+    )
+    sp._h5file = h5file
+    return sp
+
+
+def find_vocab(data_dir: str | Path, vocab_path: str | Path | None = None) -> Path:
+    """Explicit path; else data_dir/vocab.json; else {name}_vocab.json or a single *_vocab.json
+    in data_dir or data_dir/../vocab (SCAN keeps vocab/coco_precomp_vocab.json beside data/)."""
+    if vocab_path is not None:
+        p = Path(vocab_path)
+        if not p.is_file():
+            raise InputError(p, "vocab file not found")
+        return p
+    data_dir = Path(data_dir)
+    name = data_dir.resolve().name if data_dir.exists() else data_dir.name
+    folders = [data_dir, data_dir / ".." / "vocab"]
+    exact = [data_dir / "vocab.json"] + [d / f"{name}_vocab.json" for d in folders]
+    for p in exact:
+        if p.is_file():
+            return p
+    looked = [str(p) for p in exact]
+    for d in folders:
+        found = sorted(d.glob("*_vocab.json")) if d.is_dir() else []
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise InputError(d, "several vocab files (" + ", ".join(p.name for p in found)
+                                + "): pass the one to use explicitly")
+        looked.append(str(d / "*_vocab.json"))
+    raise InputError(data_dir, "no vocab found (looked for " + ", ".join(looked) + ")")

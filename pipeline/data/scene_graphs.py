@@ -1,0 +1,113 @@
+"""Read the synthetic dataset's scene graphs (``{split}_graphs.jsonl``) back.
+
+One JSON object per image, in row order (see docs/synthetic.md). Tools use them to tell
+siblings (same family, one edit) from false negatives (a caption whose facts all hold for
+another image): caption ``c`` truly describes image ``i`` iff
+``set(caption_facts[c]) <= set(facts[i])``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from pipeline.errors import InputError
+
+CAPS_PER_IMAGE = 5
+REQUIRED_KEYS = ("image", "family", "edit", "facts", "caption_facts")
+
+
+def graphs_path(data_dir: str | Path, split: str) -> Path:
+    return Path(data_dir) / f"{split}_graphs.jsonl"
+
+
+def load_graphs(data_dir: str | Path, split: str) -> list[dict]:
+    """The split's scene graphs, one dict per image in row order (validated)."""
+    path = graphs_path(data_dir, split)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise InputError(path, "scene graph file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(path, f"unreadable scene graph file ({e.__class__.__name__})") from None
+    graphs = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            raise InputError(path, f"line {n}: empty line")
+        try:
+            g = json.loads(line)
+        except json.JSONDecodeError:
+            raise InputError(path, f"line {n}: not valid JSON") from None
+        if not isinstance(g, dict):
+            raise InputError(path, f"line {n}: not a JSON object")
+        missing = [k for k in REQUIRED_KEYS if k not in g]
+        if missing:
+            raise InputError(path, f"line {n}: missing key(s) {missing}")
+        if g["image"] != n - 1:
+            raise InputError(path, f"line {n}: image index {g['image']!r}, expected {n - 1} (rows must be in order)")
+        if not isinstance(g["family"], int) or isinstance(g["family"], bool):
+            raise InputError(path, f"line {n}: family must be an integer")
+        cf = g["caption_facts"]
+        if not isinstance(cf, list) or len(cf) != CAPS_PER_IMAGE or not all(isinstance(c, list) for c in cf):
+            raise InputError(path, f"line {n}: caption_facts must be {CAPS_PER_IMAGE} lists of facts")
+        if not isinstance(g["facts"], list):
+            raise InputError(path, f"line {n}: facts must be a list")
+        graphs.append(g)
+    if not graphs:
+        raise InputError(path, "scene graph file is empty")
+    return graphs
+
+
+def family_ids(graphs: Sequence[dict]) -> np.ndarray:
+    """(N_img,) int64 family id of each image."""
+    return np.array([g["family"] for g in graphs], dtype=np.int64)
+
+
+def edit_types(graphs: Sequence[dict]) -> list[str]:
+    """The edit of each image: "base" or the edit that made it from its family's base."""
+    return [g["edit"] for g in graphs]
+
+
+def sibling_pairs(graphs: Sequence[dict]) -> list[tuple[int, int, str]]:
+    """(base image, edited image, edit type) for every non-base image whose family has a base."""
+    base = {}
+    for g in graphs:
+        if g["edit"] == "base":
+            base[g["family"]] = g["image"]
+    return [(base[g["family"]], g["image"], g["edit"])
+            for g in graphs if g["edit"] != "base" and g["family"] in base]
+
+
+def describes(caption_facts: Iterable[str], image_facts: Iterable[str]) -> bool:
+    """True iff every fact the caption states holds for the image."""
+    img = image_facts if isinstance(image_facts, (set, frozenset)) else set(image_facts)
+    return all(f in img for f in caption_facts)
+
+
+def caption_describes_image(graphs: Sequence[dict], caption_idx: int, image_idx: int) -> bool:
+    """Does caption `caption_idx` (of image caption_idx // 5) truly describe image `image_idx`?"""
+    cap = graphs[caption_idx // CAPS_PER_IMAGE]["caption_facts"][caption_idx % CAPS_PER_IMAGE]
+    return describes(cap, graphs[image_idx]["facts"])
+
+
+def image_fact_sets(graphs: Sequence[dict]) -> list[frozenset]:
+    """Facts of each image as frozensets (for fast repeated `describes` checks)."""
+    return [frozenset(g["facts"]) for g in graphs]
+
+
+def caption_fact_sets(graphs: Sequence[dict]) -> list[frozenset]:
+    """Facts stated by each caption, in caption order (N_img * 5)."""
+    return [frozenset(cf) for g in graphs for cf in g["caption_facts"]]
+
+
+def false_negative_mask(graphs: Sequence[dict], image_idx: int, caption_idx: Sequence[int]) -> np.ndarray:
+    """Bool mask over `caption_idx`: captions of OTHER images that truly describe `image_idx`."""
+    facts = set(graphs[image_idx]["facts"])
+    return np.array([c // CAPS_PER_IMAGE != image_idx and _caption_holds(graphs, c, facts)
+                     for c in caption_idx], dtype=bool)
+
+
+def _caption_holds(graphs: Sequence[dict], caption_idx: int, facts: set) -> bool:
+    return describes(graphs[caption_idx // CAPS_PER_IMAGE]["caption_facts"][caption_idx % CAPS_PER_IMAGE], facts)
