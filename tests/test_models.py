@@ -272,3 +272,36 @@ def test_training_step_cuda(name):
     with torch.no_grad():
         img_cpu = cpu.encode_image(b["images"].cpu(), b["img_lengths"].cpu())
     assert torch.allclose(img.cpu(), img_cpu, atol=1e-4)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_text_encoder_equals_packed_nn_gru(bidirectional, num_layers):
+    """The padded per-direction GRUs equal torch's packed (Bi)GRU with the same weights."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from pipeline.models.text import GRUTextEncoder
+
+    torch.manual_seed(0)
+    enc = GRUTextEncoder(50, 8, 16, num_layers, bidirectional)
+    ref = torch.nn.GRU(8, 16, num_layers, batch_first=True, bidirectional=bidirectional)
+    with torch.no_grad():
+        for layer in range(num_layers):
+            for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(ref, f"{n}_l{layer}").copy_(getattr(enc.fwd[layer], f"{n}_l0"))
+                if bidirectional:
+                    getattr(ref, f"{n}_l{layer}_reverse").copy_(getattr(enc.bwd[layer], f"{n}_l0"))
+    lengths = torch.tensor([9, 3, 5, 1, 9, 7])
+    tokens = torch.randint(4, 50, (6, 9))
+    for i, n in enumerate(lengths):
+        tokens[i, n:] = 0
+    out, last = enc(tokens, lengths)
+    packed = pack_padded_sequence(enc.embed(tokens), lengths, batch_first=True, enforce_sorted=False)
+    o, h = ref(packed)
+    o, _ = pad_packed_sequence(o, batch_first=True)
+    if bidirectional:
+        o, h_last = (o[..., :16] + o[..., 16:]) / 2, (h[-2] + h[-1]) / 2
+    else:
+        h_last = h[-1]
+    torch.testing.assert_close(out, o, rtol=0, atol=1e-6)
+    torch.testing.assert_close(last, h_last, rtol=0, atol=1e-6)

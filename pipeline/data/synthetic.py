@@ -622,7 +622,7 @@ def generate(out_dir: str | Path, config: SyntheticConfig | None = None, progres
     offsets = {"train": 0, "dev": sizes["train"], "test": sizes["train"] + sizes["dev"]}
     stats = {"splits": {}}
     all_caps = {}
-    chunk = 1024
+    chunk = int(np.clip(2 ** 24 // (cfg.n_regions * cfg.feature_dim), 64, 1024))  # ~64 MiB of float32 per chunk
     with atomic_dir(out_dir) as tmp:
         for split in SPLITS:
             n_img = sizes[split]

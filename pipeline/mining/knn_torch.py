@@ -1,0 +1,471 @@
+"""Exact k-nearest neighbours of both directions in one tiled, low-precision pass.
+
+The loop runs over image row blocks (outer) and caption column blocks (inner). Each tile
+is one GEMM ``S_hat = A[rows] @ B[cols].T`` in ``precision`` (bf16 / fp16 inputs, or fp32)
+and feeds two running selections: per image row (i2t; state for the current row block)
+and per caption column (t2i; state for all captions, kept across row blocks). The
+positives of the tile (j // 5 == i) are set to -inf. Each query keeps a threshold tau and
+a buffer of candidates (id, low-precision score); only tile entries ``>= tau`` survive
+(one compare and one ``nonzero`` per direction and tile, no k-selection over the tile),
+are appended to the buffers, and a buffer that grows past K + slack is pruned (sorted,
+its tau raised from its K-th score). A query's first tile sets its tau from the K-th
+largest of group maxima of the tile (a cheap lower bound of the tile's K-th score). At
+the end every buffered candidate is re-scored in float64 from the float32 inputs and the
+top K is taken by (-canonical score, id) (:func:`pipeline.mining.reference.rescore_topk`).
+
+Why the result is exact, not probably exact
+-------------------------------------------
+Let c be the canonical float64 score of a pair (see ``reference``) and s_hat the
+low-precision tile score. Section "The bound" below gives ``|s_hat - c| <= eps0 + rho |s_hat|``
+for every pair, so c lies in [lo(s_hat), hi(s_hat)] with lo(x) = x - rho|x| - eps0 and
+hi(x) = x + rho|x| + eps0, both increasing in x.
+
+For one query let c_K be the K-th largest canonical score (over non-positives) and u a
+value with at least K seen entries having s_hat >= u (the K-th largest buffered score,
+or any lower bound of it). Those K entries have c >= lo(s_hat) >= lo(u), so
+c_K >= L := lo(u). Every entry of the true top K, and every entry tied with its K-th
+(c >= c_K), has hi(s_hat) >= c >= c_K >= L, i.e. s_hat >= tau := hi^-1(L) (computed in
+float64 and rounded down to float32). tau only uses entries seen so far, so it is at most
+its final value: filtering each tile with the running tau, and pruning buffers with it,
+never drops an entry with c >= c_K. With rho = 0 this is the classic rule
+"s_hat >= u_K - 2 eps". The buffers therefore hold every true top-K member and every
+tie of the K-th; exact re-scoring and sorting by (-c, id) gives the reference answer.
+
+The bound
+---------
+Inputs a, b (float32 rows), their low-precision roundings a^, b^; d = D.
+
+1. Input rounding (exact identity + Cauchy-Schwarz):
+   a.b - a^.b^ = a.(b - b^) + (a - a^).b^, so |a.b - a^.b^| <= ||a|| ||b - b^|| + ||a - a^|| ||b^||.
+   A priori, round-to-nearest gives |x - x^| <= u|x| per component (u = 2^-8 for bf16:
+   8 significand bits; 2^-11 for fp16; 2^-24 for fp32), so ||x - x^|| <= u ||x|| and the
+   term is <= (2u + u^2) ||a|| ||b||; components in the subnormal range of the format add
+   at most eta per component (eta = half the smallest subnormal: 2^-134 bf16, 2^-25 fp16),
+   i.e. <= 2 eta sqrt(d) (1 + u) + d eta^2 for unit vectors.
+   ``mine_torch`` uses the data-dependent form: max ||a_i||, max ||b^_j|| and the measured
+   max ||a_i - a^_i||, max ||b_j - b^_j|| (float64, inflated for their own rounding) --
+   about 0.84 u instead of 2u for real data, and it holds whatever the rounding mode.
+2. Accumulation in float32, any order, FMA or not: |fl(sum a^_k b^_k) - a^.b^| <= gamma_d
+   sum |a^_k b^_k| <= gamma_d ||a^|| ||b^|| (gamma_d = d 2^-24 / (1 - d 2^-24)); products
+   of bf16 (fp16) pairs are exact in float32 except when they underflow (<= 2^-150 each).
+3. Output rounding, when the GEMM returns bf16 / fp16 (torch CPU bf16 matmul does):
+   |x - fl(x)| <= u_out |fl(x)|, the rho |s_hat| term (rho = u_out), plus eta_out when the
+   result is subnormal (fp16 only in practice).
+4. Canonical versus real value: |c - a.b| <= gamma_d(2^-53) ||a|| ||b||.
+   eps0 = 1 + 2 + 4 + eta terms, inflated by 2^-20 relative.
+For unit vectors and d = 1024 the a-priori total (:func:`lowp_error_bound`) is about
+1.18e-2 (bf16, bf16 output), 1.53e-3 (fp16, fp16 output), 6.1e-5 (fp32).
+
+Precondition for the accumulation term: the GEMM must accumulate in float32. CPU torch
+does (oneDNN / MKL); on CUDA the "reduced precision reduction" flags and TF32 are switched
+off for the duration of the call. A probe GEMM on the data checks the bound before the
+pass and refuses to run (RuntimeError) if it fails.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import numpy as np
+import torch
+
+from pipeline.errors import InputError
+from pipeline.mining.reference import (FLOAT32_LOWEST, U64, KnnResult, gamma, max_row_norm,
+                                       rescore_delta, rescore_topk, validate_inputs)
+
+U32 = 2.0 ** -24
+_FORMATS = {
+    # name: (torch dtype, unit roundoff u, eta = half the smallest subnormal)
+    "bf16": (torch.bfloat16, 2.0 ** -8, 2.0 ** -134),
+    "fp16": (torch.float16, 2.0 ** -11, 2.0 ** -25),
+    "fp32": (torch.float32, 0.0, 0.0),
+}
+PRECISIONS = ("bf16", "fp16", "fp32", "auto")
+
+
+def lowp_error_bound(d: int, precision: str, *, output_rounding: bool | None = None) -> float:
+    """Proven bound on |S_lowp - S_exact| for unit vectors of dimension d (see module doc).
+
+    ``output_rounding``: whether the GEMM result is rounded to the low precision (torch CPU
+    bf16/fp16 matmul returns bf16/fp16; default: True for bf16/fp16). S_exact is the
+    canonical float64 score (the bound includes its distance to the real inner product).
+    """
+    if precision not in _FORMATS:
+        raise InputError(None, f"precision must be one of bf16, fp16, fp32; got {precision!r}")
+    _, u, eta = _FORMATS[precision]
+    if output_rounding is None:
+        output_rounding = precision != "fp32"
+    d = int(d)
+    root = math.sqrt(d)
+    e_in = (2 * u + u * u) + 2 * eta * root * (1 + u) + d * eta * eta
+    p_hat = (1 + u) ** 2 + 2 * eta * root * (1 + u) + d * eta * eta     # >= sum |a^||b^|
+    e_acc = gamma(d, U32) * p_hat + (d * 2.0 ** -150 if precision == "bf16" else 0.0)
+    e_out = 0.0
+    if output_rounding and precision != "fp32":
+        e_out = u * (p_hat + e_acc) + eta
+    e_can = gamma(d, U64)
+    return (e_in + e_acc + e_out + e_can) * (1 + 2.0 ** -20)
+
+
+# --------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _exact_matmul_flags():
+    """Float32 accumulation for the GEMMs: no TF32, no reduced-precision split-K."""
+    saved = {}
+    cm = getattr(torch.backends.cuda, "matmul", None)
+    for name in ("allow_tf32", "allow_bf16_reduced_precision_reduction",
+                 "allow_fp16_reduced_precision_reduction"):
+        if cm is not None and hasattr(cm, name):
+            try:
+                saved[name] = getattr(cm, name)
+                setattr(cm, name, False)
+            except Exception:  # pragma: no cover - depends on the build
+                saved.pop(name, None)
+    prec = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prec)
+        for name, value in saved.items():
+            setattr(cm, name, value)
+
+
+def _lowp(x: torch.Tensor, dtype, scale: float, chunk: int = 1 << 16):
+    """x * scale rounded to dtype, plus (max ||x*scale||, max ||x^||, max ||x*scale - x^||)."""
+    if dtype == torch.float32 and scale == 1.0:
+        n = max_row_norm(x)
+        return x, n, n, 0.0
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    n_x = n_h = n_e = 0.0
+    for s in range(0, x.shape[0], chunk):
+        x64 = x[s:s + chunk].double() * scale                     # exact
+        h = x64.to(dtype)
+        out[s:s + chunk] = h
+        h64 = h.double()
+        n_x = max(n_x, float(x64.norm(dim=1).max()))
+        n_h = max(n_h, float(h64.norm(dim=1).max()))
+        n_e = max(n_e, float((x64 - h64).norm(dim=1).max()))
+    infl = 1.0 + 4 * x.shape[1] * U64
+    return out, n_x * infl, n_h * infl, n_e * infl
+
+
+def _tile_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    s = a @ b.T
+    return s if s.dtype == torch.float32 else s.float()
+
+
+def _pick_precision(d: int, device: torch.device) -> str:
+    """'auto': the fastest GEMM of the three on a probe (ties go to the higher precision)."""
+    if device.type == "cuda":
+        return "fp16"
+    a = torch.randn(512, d, device=device)
+    b = torch.randn(2048, d, device=device)
+    best, best_t = "fp32", math.inf
+    for name in ("fp32", "fp16", "bf16"):
+        dt = _FORMATS[name][0]
+        x, y = a.to(dt), b.to(dt)
+        _tile_mm(x, y)
+        t = time.perf_counter()
+        for _ in range(2):
+            _tile_mm(x, y)
+        t = time.perf_counter() - t
+        if t < best_t * 0.9:
+            best, best_t = name, t
+    return best
+
+
+def _kth_lower_bound(s: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Per row (dim=1) or column (dim=0) of s: a value <= its k-th largest entry.
+
+    The k-th largest of the maxima of disjoint groups: k groups have a maximum >= it, so
+    k distinct entries are >= it. Groups of n // (2k) entries keep it close to the true
+    k-th while the selection runs on >= 2k group maxima instead of n entries.
+    """
+    n = s.shape[dim]
+    gs = max(1, n // (2 * k))
+    g = n // gs
+    if dim == 1:
+        x = s[:, :g * gs]
+        x = x if gs == 1 else x.reshape(s.shape[0], g, gs).amax(dim=2)
+    else:
+        x = s[:g * gs]
+        x = x.T if gs == 1 else x.reshape(g, gs, s.shape[1]).amax(dim=1).T
+        x = x.contiguous()
+    return x.topk(k, dim=1, sorted=False).values.amin(dim=1)
+
+
+class _Buffers:
+    """Running candidate selection for n queries: threshold tau, buffer of (id, score)."""
+
+    def __init__(self, n: int, k: int, slack: int, device, tau_fn, stats: dict, tag: str):
+        self.n, self.k, self.slack = n, k, slack
+        self.cap = k + slack
+        self.vals = torch.full((n, self.cap), -math.inf, device=device)
+        self.ids = torch.full((n, self.cap), -1, dtype=torch.int32, device=device)
+        self.cnt = torch.zeros(n, dtype=torch.int64, device=device)
+        self.tau = torch.full((n,), FLOAT32_LOWEST, device=device)
+        self.fresh = torch.ones(n, dtype=torch.bool, device=device)
+        self.tau_fn = tau_fn
+        self.stats = stats
+        self.tag = tag
+
+    def buffered(self) -> int:
+        return int(self.cnt.sum())
+
+    def update(self, s: torch.Tensor, q_off: int, cand_off: int, dim: int):
+        """Feed a tile. dim=1: queries are the rows of s; dim=0: its columns."""
+        nq = s.shape[0] if dim == 1 else s.shape[1]
+        sl = slice(q_off, q_off + nq)
+        fresh = self.fresh[sl]
+        if s.shape[dim] >= self.k and bool(fresh.any()):
+            kth = _kth_lower_bound(s, self.k, dim)
+            ok = fresh & (kth > -math.inf)
+            self.tau[sl] = torch.where(ok, torch.maximum(self.tau[sl], self.tau_fn(kth)),
+                                       self.tau[sl])
+            self.fresh[sl] = fresh & ~ok
+        tau = self.tau[sl]
+        if dim == 1:
+            q, j = (s >= tau[:, None]).nonzero(as_tuple=True)
+            v = s[q, j]
+        else:
+            r, q = (s >= tau[None, :]).nonzero(as_tuple=True)
+            v = s[r, q]
+            q, order = q.sort(stable=True)
+            j, v = r[order], v[order]
+        self._append(q, j + cand_off, v, q_off, nq)
+
+    def _append(self, q, cand, v, q_off, nq):
+        m = q.numel()
+        if m == 0:
+            return
+        st = self.stats
+        st[f"survivors_{self.tag}"] = st.get(f"survivors_{self.tag}", 0) + m
+        new = torch.bincount(q, minlength=nq)
+        rank = torch.arange(m, device=q.device) - (torch.cumsum(new, 0) - new)[q]
+        cnt = self.cnt[q_off:q_off + nq]
+        over = (cnt + new) > self.cap
+        if bool(over.any()):
+            qi = over.nonzero().squeeze(1)
+            qmap = torch.full((nq,), -1, dtype=torch.int64, device=q.device)
+            qmap[qi] = torch.arange(qi.numel(), device=q.device)
+            sel = over[q]
+            width = self.cap + int(new[qi].max())
+            tv = torch.full((qi.numel(), width), -math.inf, device=q.device)
+            ti = torch.full((qi.numel(), width), -1, dtype=torch.int32, device=q.device)
+            qg = qi + q_off
+            tv[:, :self.cap] = self.vals[qg]
+            ti[:, :self.cap] = self.ids[qg]
+            rows, pos = qmap[q[sel]], self.cap + rank[sel]
+            tv[rows, pos] = v[sel]
+            ti[rows, pos] = cand[sel].to(torch.int32)
+            self._compact(qg, tv, ti)
+            keep = ~sel
+            q, cand, v, rank = q[keep], cand[keep], v[keep], rank[keep]
+        if q.numel():
+            qg = q + q_off
+            pos = self.cnt[qg] + rank
+            self.vals[qg, pos] = v
+            self.ids[qg, pos] = cand.to(torch.int32)
+            self.cnt[q_off:q_off + nq] += torch.where(over, 0, new)
+
+    def _compact(self, qg, tv, ti):
+        """Sort the rows qg (given as full candidate lists tv/ti), raise tau, drop the rest."""
+        self.stats["prunes"] = self.stats.get("prunes", 0) + 1
+        sv, perm = tv.sort(dim=1, descending=True)
+        si = ti.gather(1, perm)
+        if sv.shape[1] >= self.k:
+            kth = sv[:, self.k - 1]
+            tau = torch.maximum(self.tau[qg], self.tau_fn(kth))
+            self.tau[qg] = tau
+            self.fresh[qg] = self.fresh[qg] & ~(kth > -math.inf)
+        else:
+            tau = self.tau[qg]
+        keep = (sv >= tau[:, None]) & (sv > -math.inf)
+        kc = keep.sum(dim=1)
+        need = int(kc.max()) if kc.numel() else 0
+        if need > self.cap:
+            self._grow(need + self.slack)
+        w = min(self.cap, sv.shape[1])
+        sv, si, keep = sv[:, :w], si[:, :w], keep[:, :w]
+        self.vals[qg, :w] = sv.masked_fill(~keep, -math.inf)
+        self.ids[qg, :w] = si.masked_fill(~keep, -1)
+        if w < self.cap:
+            self.vals[qg, w:] = -math.inf
+            self.ids[qg, w:] = -1
+        self.cnt[qg] = kc
+
+    def _grow(self, cap: int):
+        self.stats["buffer_growths"] = self.stats.get("buffer_growths", 0) + 1
+        extra = cap - self.cap
+        self.vals = torch.cat([self.vals, torch.full((self.n, extra), -math.inf,
+                                                     device=self.vals.device)], dim=1)
+        self.ids = torch.cat([self.ids, torch.full((self.n, extra), -1, dtype=torch.int32,
+                                                   device=self.ids.device)], dim=1)
+        self.cap = cap
+
+    def final_candidates(self) -> torch.Tensor:
+        """Prune every query with its final threshold; (n, W) int64 ids, -1 = padding."""
+        if self.n == 0:
+            return torch.empty((0, 0), dtype=torch.int64)
+        self._compact(torch.arange(self.n, device=self.vals.device), self.vals, self.ids)
+        self.stats["prunes"] -= 1
+        w = max(int(self.cnt.max()), self.k)
+        return self.ids[:, :w].to(torch.int64)
+
+
+def _mask_positives(s: torch.Tensor, r0: int, r1: int, c0: int, c1: int):
+    lo, hi = max(c0, 5 * r0), min(c1, 5 * r1)
+    if lo < hi:
+        j = torch.arange(lo, hi, device=s.device)
+        s[j // 5 - r0, j - c0] = -math.inf
+
+
+# --------------------------------------------------------------------------- main
+def mine_torch(img, cap, k_i2t: int, k_t2i: int, *, precision: str = "bf16",
+               device: str = "cpu", row_block: int = 4096, col_block: int = 8192,
+               progress: bool = False, buffer_slack: float = 1.0) -> KnnResult:
+    """Exact i2t / t2i candidates (ids equal to :func:`mine_reference`) in one tiled pass.
+
+    precision: "bf16" | "fp16" | "fp32" for the GEMM (the answer is exact in every case;
+    lower precision only widens the filter band), or "auto" (fastest GEMM on a probe).
+    row_block x col_block: the tile; at most one tile of scores exists at a time.
+    buffer_slack: per-query buffer capacity is K + max(64, buffer_slack * K) candidates
+    (a buffer that fills is pruned; one that cannot be pruned below it grows).
+    """
+    t_start = time.perf_counter()
+    if precision not in PRECISIONS:
+        raise InputError(None, f"precision must be one of {', '.join(PRECISIONS)}; "
+                               f"got {precision!r}")
+    for name, v in (("row_block", row_block), ("col_block", col_block)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise InputError(None, f"{name} must be a positive integer, got {v!r}")
+    img32, cap32, k1, k2 = validate_inputs(img, cap, k_i2t, k_t2i)
+    n_i, d = img32.shape
+    n_c = cap32.shape[0]
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(None, f"unknown device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(None, f"device {device!r} requested but CUDA is not available")
+    if precision == "auto":
+        precision = _pick_precision(d, dev)
+    dtype = _FORMATS[precision][0]
+    u_out = _FORMATS[precision][1]
+    eta_out = _FORMATS[precision][2]
+    stats: dict = {"backend": "torch", "precision": precision, "device": str(dev),
+                   "k_i2t": k1, "k_t2i": k2, "row_block": int(row_block),
+                   "col_block": int(col_block)}
+
+    with torch.no_grad(), _exact_matmul_flags():
+        a32 = torch.from_numpy(img32).to(dev)
+        b32 = torch.from_numpy(cap32).to(dev)
+        # fp16 has a small range: scale each side by a power of two (max norm in [0.5, 1));
+        # scores scale by one positive constant, so the ordering is unchanged.
+        sa = sb = 1.0
+        if precision == "fp16":
+            sa = 2.0 ** -math.frexp(max_row_norm(a32))[1]
+            sb = 2.0 ** -math.frexp(max_row_norm(b32))[1]
+        a_lp, na, na_h, ea = _lowp(a32, dtype, sa)
+        b_lp, nb, nb_h, eb = _lowp(b32, dtype, sb)
+        # |s_hat - c| <= eps0 + rho |s_hat|, in the scaled units of the tile scores
+        eps0 = na * eb + ea * nb_h
+        eps0 += gamma(d, U32) * na_h * nb_h + (d * 2.0 ** -150 if precision == "bf16" else 0)
+        eps0 += gamma(d, U64) * na * nb
+        rho = 0.0
+        if precision != "fp32":
+            eps0 += eta_out
+            rho = u_out
+        eps0 = eps0 * (1 + 2.0 ** -20) + 1e-300
+        stats.update(eps0=eps0, rho=rho, eps_apriori_unit=lowp_error_bound(d, precision),
+                     score_scale=sa * sb)
+        stats["probe_max_excess"] = _probe(a_lp, b_lp, img32, cap32, sa * sb, eps0, rho)
+
+        def tau_fn(kth: torch.Tensor) -> torch.Tensor:
+            x = kth.double()
+            lo = x - rho * x.abs() - eps0
+            y = lo - eps0
+            t = torch.where(y >= 0, y / (1 + rho), y / (1 - rho))
+            t = t - 2.0 ** -50 * (x.abs() + 1.0)
+            t32 = t.float()
+            t32 = torch.where(t32.double() > t,
+                              torch.nextafter(t32, torch.full_like(t32, -math.inf)), t32)
+            t32 = torch.where(torch.isfinite(x), t32, torch.full_like(t32, FLOAT32_LOWEST))
+            return t32.clamp(min=FLOAT32_LOWEST)
+
+        slack1 = max(64, int(buffer_slack * k1))
+        slack2 = max(64, int(buffer_slack * k2))
+        i2t = np.empty((n_i, k1), dtype=np.int32)
+        i2t_s = np.empty((n_i, k1), dtype=np.float32)
+        q_norm_img, g_norm_cap = max_row_norm(a32), max_row_norm(b32)
+        delta = rescore_delta(d, q_norm_img, g_norm_cap)
+        stats["rescore_delta"] = delta
+        cols = _Buffers(n_c, k2, slack2, dev, tau_fn, stats, "t2i") if k2 else None
+        tiles, peak, t_rescore = 0, 0, 0.0
+        n_rb = -(-n_i // row_block)
+        n_cb = -(-n_c // col_block)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=n_rb * n_cb, desc="mine (tiles)", leave=False)
+        for r0 in range(0, n_i, row_block):
+            r1 = min(n_i, r0 + row_block)
+            rows = _Buffers(r1 - r0, k1, slack1, dev, tau_fn, stats, "i2t") if k1 else None
+            for c0 in range(0, n_c, col_block):
+                c1 = min(n_c, c0 + col_block)
+                s = _tile_mm(a_lp[r0:r1], b_lp[c0:c1])
+                _mask_positives(s, r0, r1, c0, c1)
+                if rows is not None:
+                    rows.update(s, 0, c0, dim=1)
+                if cols is not None:
+                    cols.update(s, c0, r0, dim=0)
+                del s
+                tiles += 1
+                buffered = (rows.buffered() if rows else 0) + (cols.buffered() if cols else 0)
+                peak = max(peak, buffered)
+                if bar is not None:
+                    bar.update(1)
+            if rows is not None:
+                t = time.perf_counter()
+                cand = rows.final_candidates()
+                i2t[r0:r1], i2t_s[r0:r1] = rescore_topk(
+                    a32[r0:r1], b32, img32, cap32, cand, k1, q_offset=r0, delta=delta,
+                    stats=stats)
+                stats["rescored_i2t"] = stats.get("rescored_i2t", 0) + int((cand >= 0).sum())
+                t_rescore += time.perf_counter() - t
+        if bar is not None:
+            bar.close()
+        if cols is not None:
+            t = time.perf_counter()
+            cand = cols.final_candidates()
+            stats["rescored_t2i"] = int((cand >= 0).sum())
+            t2i, t2i_s = rescore_topk(b32, a32, cap32, img32, cand, k2, delta=delta,
+                                      stats=stats)
+            t_rescore += time.perf_counter() - t
+        else:
+            t2i = np.empty((n_c, 0), dtype=np.int32)
+            t2i_s = np.empty((n_c, 0), dtype=np.float32)
+    stats.update(tiles=tiles, peak_buffered=peak, seconds_rescore=t_rescore,
+                 gemm_flop=2.0 * n_i * n_c * d, seconds=time.perf_counter() - t_start)
+    return KnnResult(i2t, i2t_s, t2i, t2i_s, stats)
+
+
+def _probe(a_lp, b_lp, img32, cap32, scale, eps0, rho) -> float:
+    """Check the bound on a sample GEMM (signed rows and their absolute values, so that
+    partial sums cannot cancel); return max(|s_hat - exact| - bound) (<= 0 when it holds)."""
+    ra = min(a_lp.shape[0], 128)
+    rb = min(b_lp.shape[0], 512)
+    x = torch.cat([a_lp[:ra], a_lp[:ra].abs()])
+    y = torch.cat([b_lp[:rb], b_lp[:rb].abs()])
+    s = _tile_mm(x, y).double().cpu()
+    xa = torch.from_numpy(img32[:ra]).double()
+    yb = torch.from_numpy(cap32[:rb]).double()
+    ex = torch.cat([xa, xa.abs()]) @ torch.cat([yb, yb.abs()]).T * scale
+    excess = float(((s - ex).abs() - (eps0 + rho * s.abs())).max())
+    if excess > 0:
+        raise RuntimeError(
+            "the low-precision matmul of this machine/build exceeds the proven error bound "
+            f"(by {excess:.3g}); it does not accumulate in float32. Use precision='fp32'.")
+    return excess
