@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 pipeline: install
 	$(BIN)/dvc repro
-	$(BIN)/itm-pipeline metrics-table artifacts/metrics/base_test.json
+	$(BIN)/itm-pipeline metrics-table artifacts/metrics/base_test.json artifacts/metrics/base_test_groups.json
 
 test: install
 	$(BIN)/python -m pytest

@@ -11,11 +11,17 @@ from pipeline.errors import InputError
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="itm-pipeline")
-def cli():
+@click.option("--threads", type=click.IntRange(min=1), envvar="ITM_THREADS", default=None,
+              help="CPU threads for torch (env ITM_THREADS).  [default: torch's, = cores]")
+def cli(threads):
     """Offline hard-negative mining and fine-tuning for image-text matching.
 
     Every DVC stage in dvc.yaml runs one of these commands; `dvc repro` runs them all.
     """
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _register():

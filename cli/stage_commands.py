@@ -142,11 +142,19 @@ def metrics_table(files, markdown):
     for f in files:
         path = Path(f)
         try:
-            rows[path.stem] = json.loads(path.read_text())
+            doc = json.loads(path.read_text())
         except FileNotFoundError:
             raise InputError(path, "metrics file not found") from None
         except (OSError, json.JSONDecodeError) as e:
             raise InputError(path, f"unreadable metrics JSON ({e.__class__.__name__})") from None
+        if isinstance(doc, dict) and "family" in doc and "random" in doc:  # evaluate --groups-json
+            size = doc.get("group_size", "")
+            rows[f"{path.stem}: within family ({size})"] = doc["family"]
+            rows[f"{path.stem}: random groups ({size})"] = doc["random"]
+        elif isinstance(doc, dict) and "rsum" in doc:
+            rows[path.stem] = doc
+        else:
+            raise InputError(path, "not a metrics JSON (no 'rsum')")
     if not rows:
         raise InputError(None, "no metrics files given")
     click.echo(format_markdown_table(rows) if markdown else format_metrics_table(rows))

@@ -132,6 +132,13 @@ def _exact_matmul_flags():
             setattr(cm, name, value)
 
 
+def _pow2_scale(norm: float) -> float:
+    """1, or the power of two that brings a max row norm outside [1/16, 16] into [0.5, 1)."""
+    if norm == 0 or 2.0 ** -4 <= norm <= 2.0 ** 4:
+        return 1.0
+    return 2.0 ** -math.frexp(norm)[1]
+
+
 def _lowp(x: torch.Tensor, dtype, scale: float, chunk: int = 1 << 16):
     """x * scale rounded to dtype, plus (max ||x*scale||, max ||x^||, max ||x*scale - x^||)."""
     if dtype == torch.float32 and scale == 1.0:
@@ -149,6 +156,26 @@ def _lowp(x: torch.Tensor, dtype, scale: float, chunk: int = 1 << 16):
         n_e = max(n_e, float((x64 - h64).norm(dim=1).max()))
     infl = 1.0 + 4 * x.shape[1] * U64
     return out, n_x * infl, n_h * infl, n_e * infl
+
+
+def _data_bound(d: int, precision: str, na: float, na_h: float, ea: float, nb: float,
+                nb_h: float, eb: float) -> tuple[float, float]:
+    """(eps0, rho) with |s_hat - c| <= eps0 + rho |s_hat| for every pair (module doc).
+
+    na, nb: max row norms of the (scaled) float32 inputs; na_h, nb_h: of their roundings;
+    ea, eb: max ||x - x^|| over the rows.
+    """
+    _, u, eta = _FORMATS[precision]
+    eps0 = na * eb + ea * nb_h                                     # 1. input rounding
+    eps0 += gamma(d, U32) * na_h * nb_h                            # 2. float32 accumulation
+    if precision == "bf16":
+        eps0 += d * 2.0 ** -150                                    #    product underflow
+    eps0 += gamma(d, U64) * na * nb                                # 4. canonical vs real
+    rho = 0.0
+    if precision != "fp32":                                        # 3. output rounding
+        eps0 += eta
+        rho = u
+    return eps0 * (1 + 2.0 ** -20) + 1e-300, rho
 
 
 def _tile_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -271,29 +298,30 @@ class _Buffers:
             self.cnt[q_off:q_off + nq] += torch.where(over, 0, new)
 
     def _compact(self, qg, tv, ti):
-        """Sort the rows qg (given as full candidate lists tv/ti), raise tau, drop the rest."""
+        """Rows qg, given as full candidate lists tv/ti: raise tau from their K-th score,
+        drop the entries below it, store the rest (in arrival order) in the buffer."""
         self.stats["prunes"] = self.stats.get("prunes", 0) + 1
-        sv, perm = tv.sort(dim=1, descending=True)
-        si = ti.gather(1, perm)
-        if sv.shape[1] >= self.k:
-            kth = sv[:, self.k - 1]
+        w_in = tv.shape[1]
+        if w_in >= self.k:
+            kth = tv.kthvalue(w_in - self.k + 1, dim=1).values      # K-th largest
             tau = torch.maximum(self.tau[qg], self.tau_fn(kth))
             self.tau[qg] = tau
             self.fresh[qg] = self.fresh[qg] & ~(kth > -math.inf)
         else:
             tau = self.tau[qg]
-        keep = (sv >= tau[:, None]) & (sv > -math.inf)
+        keep = (tv >= tau[:, None]) & (tv > -math.inf)
         kc = keep.sum(dim=1)
         need = int(kc.max()) if kc.numel() else 0
         if need > self.cap:
             self._grow(need + self.slack)
-        w = min(self.cap, sv.shape[1])
-        sv, si, keep = sv[:, :w], si[:, :w], keep[:, :w]
-        self.vals[qg, :w] = sv.masked_fill(~keep, -math.inf)
-        self.ids[qg, :w] = si.masked_fill(~keep, -1)
-        if w < self.cap:
-            self.vals[qg, w:] = -math.inf
-            self.ids[qg, w:] = -1
+        rows, cols = keep.nonzero(as_tuple=True)
+        pos = (keep.cumsum(dim=1) - 1)[rows, cols]
+        vals = torch.full((qg.numel(), self.cap), -math.inf, device=tv.device)
+        ids = torch.full((qg.numel(), self.cap), -1, dtype=torch.int32, device=tv.device)
+        vals[rows, pos] = tv[rows, cols]
+        ids[rows, pos] = ti[rows, cols]
+        self.vals[qg] = vals
+        self.ids[qg] = ids
         self.cnt[qg] = kc
 
     def _grow(self, cap: int):
@@ -353,8 +381,6 @@ def mine_torch(img, cap, k_i2t: int, k_t2i: int, *, precision: str = "bf16",
     if precision == "auto":
         precision = _pick_precision(d, dev)
     dtype = _FORMATS[precision][0]
-    u_out = _FORMATS[precision][1]
-    eta_out = _FORMATS[precision][2]
     stats: dict = {"backend": "torch", "precision": precision, "device": str(dev),
                    "k_i2t": k1, "k_t2i": k2, "row_block": int(row_block),
                    "col_block": int(col_block)}
@@ -366,19 +392,10 @@ def mine_torch(img, cap, k_i2t: int, k_t2i: int, *, precision: str = "bf16",
         # scores scale by one positive constant, so the ordering is unchanged.
         sa = sb = 1.0
         if precision == "fp16":
-            sa = 2.0 ** -math.frexp(max_row_norm(a32))[1]
-            sb = 2.0 ** -math.frexp(max_row_norm(b32))[1]
+            sa, sb = _pow2_scale(max_row_norm(a32)), _pow2_scale(max_row_norm(b32))
         a_lp, na, na_h, ea = _lowp(a32, dtype, sa)
         b_lp, nb, nb_h, eb = _lowp(b32, dtype, sb)
-        # |s_hat - c| <= eps0 + rho |s_hat|, in the scaled units of the tile scores
-        eps0 = na * eb + ea * nb_h
-        eps0 += gamma(d, U32) * na_h * nb_h + (d * 2.0 ** -150 if precision == "bf16" else 0)
-        eps0 += gamma(d, U64) * na * nb
-        rho = 0.0
-        if precision != "fp32":
-            eps0 += eta_out
-            rho = u_out
-        eps0 = eps0 * (1 + 2.0 ** -20) + 1e-300
+        eps0, rho = _data_bound(d, precision, na, na_h, ea, nb, nb_h, eb)
         stats.update(eps0=eps0, rho=rho, eps_apriori_unit=lowp_error_bound(d, precision),
                      score_scale=sa * sb)
         stats["probe_max_excess"] = _probe(a_lp, b_lp, img32, cap32, sa * sb, eps0, rho)
