@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from pipeline.progress import progress as progress_bar
 
 from pipeline.data.datasets import CaptionDataset, ImageDataset, collate_captions, collate_images
 
@@ -18,7 +18,7 @@ def encode_images(model, split, *, batch_size: int = 128, device: str = "cpu",
     loader = DataLoader(ImageDataset(split), batch_size=batch_size, shuffle=False,
                         collate_fn=collate_images)
     out = None
-    for batch in tqdm(loader, desc="encode images", disable=not progress, leave=False):
+    for batch in progress_bar(loader, desc="encode images", disable=not progress, leave=False):
         emb = model.encode_image(batch["images"].to(device), batch["img_lengths"].to(device))
         emb = emb.float().cpu().numpy()
         if out is None:
@@ -37,7 +37,7 @@ def encode_captions(model, split, vocab, *, batch_size: int = 256, device: str =
     loader = DataLoader(CaptionDataset(split, vocab), batch_size=batch_size, shuffle=False,
                         collate_fn=collate_captions)
     out = None
-    for batch in tqdm(loader, desc="encode captions", disable=not progress, leave=False):
+    for batch in progress_bar(loader, desc="encode captions", disable=not progress, leave=False):
         emb = model.encode_text(batch["tokens"].to(device), batch["lengths"].to(device))
         emb = emb.float().cpu().numpy()
         if out is None:

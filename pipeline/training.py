@@ -29,6 +29,8 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from pipeline.progress import progress
+
 from pipeline.checkpoint import load_state_dict, save_checkpoint
 from pipeline.data.datasets import PairDataset, collate_pairs
 from pipeline.embeddings import encode_split
@@ -270,9 +272,8 @@ class Trainer:
                                 generator=torch.Generator(),  # keep the global RNG untouched
                                 worker_init_fn=_worker_init if s.num_workers else None)
             self.model.train()
-            bar = tqdm(loader, total=len(batches), initial=self.step_in_epoch,
-                       desc=f"epoch {self.epoch + 1}/{s.epochs}", disable=not self.progress,
-                       dynamic_ncols=True)
+            bar = progress(loader, total=len(batches), initial=self.step_in_epoch,
+                       desc=f"epoch {self.epoch + 1}/{s.epochs}", disable=not self.progress)
             for batch in bar:
                 loss, logs = self.objective(self.model, _to(batch, self.device),
                                             epoch=self.epoch, settings=s)

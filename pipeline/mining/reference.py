@@ -74,10 +74,12 @@ def _as_matrix(x, name: str) -> np.ndarray:
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise InputError(None, f"{name} embeddings: expected floats, got dtype {x.dtype}")
     x = np.ascontiguousarray(x, dtype=np.float32)
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        bad = int(np.flatnonzero(~finite)[0])
-        raise InputError(None, f"{name} embeddings: row {bad} has a NaN or infinite value")
+    step = max(1, (16 << 20) // max(1, x.shape[1]))
+    for s in range(0, x.shape[0], step):
+        finite = np.isfinite(x[s:s + step]).all(axis=1)
+        if not finite.all():
+            bad = s + int(np.flatnonzero(~finite)[0])
+            raise InputError(None, f"{name} embeddings: row {bad} has a NaN or infinite value")
     return x
 
 
@@ -176,14 +178,16 @@ def mine_reference(img, cap, k_i2t: int, k_t2i: int) -> KnnResult:
 
 def recall(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     """Mean over queries of |approx row ∩ exact row| / K (1.0 = the exact candidate sets)."""
-    approx_ids = np.asarray(approx_ids)
-    exact_ids = np.asarray(exact_ids)
+    approx_ids = np.asarray(approx_ids, dtype=np.int64)
+    exact_ids = np.asarray(exact_ids, dtype=np.int64)
+    if approx_ids.shape[0] != exact_ids.shape[0]:
+        raise ValueError("recall: the two id arrays have different numbers of rows")
     if exact_ids.size == 0:
         return 1.0
-    hits = 0
-    for a, e in zip(approx_ids, exact_ids):
-        hits += np.intersect1d(a, e, assume_unique=False).size
-    return hits / exact_ids.size
+    span = int(max(approx_ids.max(initial=0), exact_ids.max(initial=0))) + 1
+    row = np.arange(exact_ids.shape[0], dtype=np.int64)[:, None] * span
+    hits = np.isin(np.unique(row + approx_ids), row + exact_ids).sum()
+    return float(hits) / exact_ids.size
 
 
 # --------------------------------------------------------------------------- re-scoring
@@ -225,18 +229,22 @@ def rescore_topk(q: torch.Tensor, g: torch.Tensor, q_np: np.ndarray, g_np: np.nd
     # Outer chunks for the sort / tie logic; inner chunks (a few MiB, buffers reused) for the
     # gather + float64 GEMV, which is memory-bound: fresh large gathers cost page faults.
     step = max(1, min(n_q, budget_bytes // max(1, 40 * w)))
-    inner = max(1, min(step, (2 << 20) // max(1, 12 * w * d)))
-    buf32 = torch.empty((inner * w, d), dtype=g.dtype, device=dev)
-    buf64 = torch.empty((inner * w, d), dtype=torch.float64, device=dev)
+    rows_buf = max(1, min(step, (2 << 20) // max(1, 12 * w * d))) * w
+    buf32 = torch.empty((rows_buf, d), dtype=g.dtype, device=dev)
+    buf64 = torch.empty((rows_buf, d), dtype=torch.float64, device=dev)
     refined = rescored = 0
     two_delta = 2.0 * delta
     for s in range(0, n_q, step):
         e = min(n_q, s + step)
         c = cand[s:e].to(dev)
+        used = (c >= 0).any(dim=0).nonzero()
+        c = c[:, :int(used.max()) + 1] if used.numel() else c[:, :1]
+        w = c.shape[1]                         # this chunk's width: padding columns dropped
         valid = c >= 0
         cz = c.clamp(min=0)
         q64 = q[s:e].double()
         b = torch.empty((e - s, w), dtype=torch.float64, device=dev)
+        inner = max(1, rows_buf // w)
         for t in range(0, e - s, inner):
             u = min(e - s, t + inner)
             m = (u - t) * w
