@@ -33,12 +33,29 @@ def test_dvc_repro_smoke(tmp_path):
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     _dvc(["init", "-q"], work)
     out = _dvc(["repro"], work)
-    for stage in ("prepare", "train_base", "evaluate_base"):
+    for stage in ("prepare", "train_base", "evaluate_base", "embed", "mine"):
         assert f"Running stage '{stage}'" in out
     metrics = json.loads((work / "artifacts/metrics/base_test.json").read_text())
     assert set(metrics) == METRIC_KEYS and metrics["protocol"] == "full"
     groups = json.loads((work / "artifacts/metrics/base_test_groups.json").read_text())
     assert {"family", "random", "pairwise"} <= set(groups)
+    # embed -> mine: smoke params have 200 train images, K 20 / 5; name from artifacts/data
+    import numpy as np
+    import yaml
+
+    smoke = yaml.safe_load((ROOT / "params.smoke.yaml").read_text())
+    n_img, k1, k2 = smoke["prepare"]["n_train"], smoke["mine"]["k_i2t"], smoke["mine"]["k_t2i"]
+    emb = json.loads((work / "artifacts/embeddings/embeddings.json").read_text())
+    assert (emb["n_img"], emb["n_cap"]) == (n_img, 5 * n_img)
+    assert np.load(work / "artifacts/embeddings/img_embs.npy", mmap_mode="r").shape == (n_img, emb["dim"])
+    i2t = np.load(work / "artifacts/candidates/i2t_data.npy")
+    t2i = np.load(work / "artifacts/candidates/t2i_data.npy")
+    assert i2t.dtype == t2i.dtype == np.int32
+    assert i2t.shape == (n_img, k1) and t2i.shape == (5 * n_img, k2)
+    assert not (i2t // 5 == np.arange(n_img)[:, None]).any()          # own captions excluded
+    assert not (t2i == np.arange(5 * n_img)[:, None] // 5).any()       # own image excluded
+    mine = json.loads((work / "artifacts/metrics/mine.json").read_text())
+    assert (mine["k_i2t"], mine["k_t2i"], mine["n_img"]) == (k1, k2, n_img)
     assert (work / "dvc.lock").exists()
     again = _dvc(["repro"], work)
     assert "Running stage" not in again, again

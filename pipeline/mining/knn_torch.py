@@ -394,28 +394,114 @@ def mine_torch(img, cap, k_i2t: int, k_t2i: int, *, precision: str = "bf16",
     canonical sum), rescore_delta, gemm_flop, k_i2t / k_t2i (after capping).
     """
     t_start = time.perf_counter()
+    _check_options(precision, row_block, col_block)
+    img32, cap32, k1, k2 = validate_inputs(img, cap, k_i2t, k_t2i)
+    n_i, d = img32.shape
+    n_c = cap32.shape[0]
+    dev = _as_device(device)
+    if precision == "auto":
+        precision = _pick_precision(d, dev)
+    stats: dict = {"backend": "torch", "precision": precision, "device": str(dev),
+                   "k_i2t": k1, "k_t2i": k2, "row_block": int(row_block),
+                   "col_block": int(col_block)}
+    i2t, i2t_s, t2i, t2i_s = _tiled_pass(
+        img32, cap32, k1, k2, row_offset=0, precision=precision, dev=dev,
+        row_block=row_block, col_block=col_block, progress=progress,
+        buffer_slack=buffer_slack, stats=stats)
+    stats.update(gemm_flop=2.0 * n_i * n_c * d, seconds=time.perf_counter() - t_start)
+    return KnnResult(i2t, i2t_s, t2i, t2i_s, stats)
+
+
+def _check_options(precision, row_block, col_block):
     if precision not in PRECISIONS:
         raise InputError(None, f"precision must be one of {', '.join(PRECISIONS)}; "
                                f"got {precision!r}")
     for name, v in (("row_block", row_block), ("col_block", col_block)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
             raise InputError(None, f"{name} must be a positive integer, got {v!r}")
-    img32, cap32, k1, k2 = validate_inputs(img, cap, k_i2t, k_t2i)
-    n_i, d = img32.shape
-    n_c = cap32.shape[0]
+
+
+def _as_device(device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise InputError(None, f"unknown device {device!r}: {exc}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(None, f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def mine_torch_block(img, cap, start: int, stop: int, k_i2t: int, k_t2i: int, *,
+                     precision: str = "bf16", device: str = "cpu", row_block: int = 4096,
+                     col_block: int = 8192, buffer_slack: float = 1.0,
+                     validate: bool = True, cap_cache: dict | None = None) -> KnnResult:
+    """Image rows ``start:stop`` of ``img`` mined against the whole caption gallery.
+
+    The building block of sharded mining (:mod:`pipeline.mining.distributed`): the same
+    tiled pass as :func:`mine_torch`, restricted to one block of image queries.
+
+    * ``i2t`` / ``i2t_scores``: (stop - start, K_i2t), exact, identical to the rows
+      ``start:stop`` of :func:`mine_torch` on the whole input.
+    * ``t2i`` / ``t2i_scores``: (N_c, K_b) per caption, the exact top K_b among the block's
+      images only (its own image excluded), ids are *global* image ids, ordered by the tie
+      rule. K_b = min(K_t2i, stop - start). When K_t2i >= stop - start every block image is
+      listed (sorted); the captions of the block's own images then have one fewer candidate
+      and their last column is padding (id -1, score -inf).
+
+    K_i2t / K_t2i are capped as for the whole input (N_c - 5 and N_img - 1). The global
+    top K_t2i of a caption is contained in the union of its per-block lists, so merging
+    the blocks by (-canonical score, id) reproduces :func:`mine_torch` exactly.
+
+    validate=False skips the input checks (the caller validated the whole arrays once):
+    ``img`` / ``cap`` must then be float32 C-contiguous (memory maps are fine).
+    cap_cache: a dict owned by the caller *for this caption array*; the low-precision copy
+    of the gallery is kept in it and reused by later blocks with the same options.
+    """
+    t_start = time.perf_counter()
+    _check_options(precision, row_block, col_block)
+    if validate:
+        img, cap, k1, k2 = validate_inputs(img, cap, k_i2t, k_t2i)
+    else:
+        n_all = img.shape[0]
+        k1, k2 = min(int(k_i2t), cap.shape[0] - 5), min(int(k_t2i), n_all - 1)
+    n_i, d = img.shape
+    n_c = cap.shape[0]
+    if not (isinstance(start, (int, np.integer)) and isinstance(stop, (int, np.integer))
+            and 0 <= start < stop <= n_i):
+        raise InputError(None, f"image block {start}:{stop} is not a non-empty range "
+                               f"within 0:{n_i}")
+    start, stop = int(start), int(stop)
+    nb = stop - start
+    dev = _as_device(device)
     if precision == "auto":
         precision = _pick_precision(d, dev)
-    dtype = _FORMATS[precision][0]
     stats: dict = {"backend": "torch", "precision": precision, "device": str(dev),
                    "k_i2t": k1, "k_t2i": k2, "row_block": int(row_block),
-                   "col_block": int(col_block)}
+                   "col_block": int(col_block), "block": (start, stop)}
+    dense = k2 >= nb                   # every block image is wanted by every caption
+    kb = nb if dense else k2
+    i2t, i2t_s, t2i, t2i_s = _tiled_pass(
+        img[start:stop], cap, k1, kb, row_offset=start, precision=precision, dev=dev,
+        row_block=row_block, col_block=col_block, progress=False,
+        buffer_slack=buffer_slack, stats=stats, t2i_all=dense, cap_cache=cap_cache)
+    if kb:
+        pad = t2i < 0
+        t2i = t2i + np.int32(start)
+        t2i[pad] = -1
+    stats.update(gemm_flop=2.0 * nb * n_c * d, seconds=time.perf_counter() - t_start)
+    return KnnResult(i2t, i2t_s, t2i, t2i_s, stats)
 
+
+def _tiled_pass(img32, cap32, k1: int, k2: int, *, row_offset: int, precision: str, dev,
+                row_block: int, col_block: int, progress: bool, buffer_slack: float,
+                stats: dict, t2i_all: bool = False, cap_cache: dict | None = None):
+    """The single pass over ``img32`` (image rows ``row_offset ..`` of the whole input,
+    which fixes the positives) x ``cap32``. Returns i2t, i2t_s, t2i, t2i_s; t2i ids are
+    local (row of ``img32``). t2i_all: no t2i selection, every caption lists every row
+    of ``img32`` (own image as padding -1 / -inf at the end), k2 must be len(img32)."""
+    n_i, d = img32.shape
+    n_c = cap32.shape[0]
+    dtype = _FORMATS[precision][0]
     with torch.no_grad(), _exact_matmul_flags():
         a32 = torch.from_numpy(img32).to(dev)
         b32 = torch.from_numpy(cap32).to(dev)
@@ -424,10 +510,27 @@ def mine_torch(img, cap, k_i2t: int, k_t2i: int, *, precision: str = "bf16",
         # positive constant, the ordering is unchanged, and the bound is computed in the
         # scaled units (final scores come from the unscaled float32 inputs).
         sa = sb = 1.0
+        key = None
+        if cap_cache is not None:
+            key = ("cap_norm", str(dev))
+            if key not in cap_cache:
+                cap_cache[key] = max_row_norm(b32)
+            g_norm_cap = cap_cache[key]
+        else:
+            g_norm_cap = None
         if precision == "fp16":
-            sa, sb = _pow2_scale(max_row_norm(a32)), _pow2_scale(max_row_norm(b32))
+            sa = _pow2_scale(max_row_norm(a32))
+            sb = _pow2_scale(g_norm_cap if g_norm_cap is not None else max_row_norm(b32))
         a_lp, na, na_h, ea = _lowp(a32, dtype, sa)
-        b_lp, nb, nb_h, eb = _lowp(b32, dtype, sb)
+        if cap_cache is not None:
+            key = ("lowp", precision, sb, str(dev))
+            if key not in cap_cache:
+                for k in [k for k in cap_cache if k[0] == "lowp"]:
+                    del cap_cache[k]                  # one low-precision copy at a time
+                cap_cache[key] = _lowp(b32, dtype, sb)
+            b_lp, nb, nb_h, eb = cap_cache[key]
+        else:
+            b_lp, nb, nb_h, eb = _lowp(b32, dtype, sb)
         eps0, rho = _data_bound(d, precision, na, na_h, ea, nb, nb_h, eb)
         stats.update(eps0=eps0, rho=rho, eps_apriori_unit=lowp_error_bound(d, precision),
                      score_scale=sa * sb)
@@ -449,10 +552,14 @@ def mine_torch(img, cap, k_i2t: int, k_t2i: int, *, precision: str = "bf16",
         slack2 = max(64, int(buffer_slack * k2))
         i2t = np.empty((n_i, k1), dtype=np.int32)
         i2t_s = np.empty((n_i, k1), dtype=np.float32)
-        q_norm_img, g_norm_cap = max_row_norm(a32), max_row_norm(b32)
+        q_norm_img = max_row_norm(a32)
+        if g_norm_cap is None:
+            g_norm_cap = max_row_norm(b32)
         delta = rescore_delta(d, q_norm_img, g_norm_cap)
         stats["rescore_delta"] = delta
-        cols = _Buffers(n_c, k2, slack2, dev, tau_fn, stats, "t2i") if k2 else None
+        cols = None
+        if k2 and not t2i_all:
+            cols = _Buffers(n_c, k2, slack2, dev, tau_fn, stats, "t2i")
         tiles, peak, t_rescore = 0, 0, 0.0
         n_rb = -(-n_i // row_block)
         n_cb = -(-n_c // col_block)
@@ -460,13 +567,13 @@ def mine_torch(img, cap, k_i2t: int, k_t2i: int, *, precision: str = "bf16",
         if progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=n_rb * n_cb, desc="mine (tiles)", leave=False)
-        for r0 in range(0, n_i if (k1 or k2) else 0, row_block):
+        for r0 in range(0, n_i if (k1 or cols is not None) else 0, row_block):
             r1 = min(n_i, r0 + row_block)
             rows = _Buffers(r1 - r0, k1, slack1, dev, tau_fn, stats, "i2t") if k1 else None
             for c0 in range(0, n_c, col_block):
                 c1 = min(n_c, c0 + col_block)
                 s = _tile_mm(a_lp[r0:r1], b_lp[c0:c1])
-                _mask_positives(s, r0, r1, c0, c1)
+                _mask_positives(s, row_offset + r0, row_offset + r1, c0, c1)
                 if rows is not None:
                     rows.update(s, 0, c0, dim=1)
                 if cols is not None:
@@ -487,9 +594,15 @@ def mine_torch(img, cap, k_i2t: int, k_t2i: int, *, precision: str = "bf16",
                 t_rescore += time.perf_counter() - t
         if bar is not None:
             bar.close()
-        if cols is not None:
+        if cols is not None or (t2i_all and k2):
             t = time.perf_counter()
-            cand = cols.final_candidates()
+            if cols is not None:
+                cand = cols.final_candidates()
+            else:
+                cand = torch.arange(n_i, device=dev).expand(n_c, n_i).clone()
+                own = torch.arange(n_c, device=dev) // 5 - row_offset
+                inside = ((own >= 0) & (own < n_i)).nonzero().squeeze(1)
+                cand[inside, own[inside]] = -1
             stats["rescored_t2i"] = int((cand >= 0).sum())
             t2i, t2i_s = rescore_topk(b32, a32, cap32, img32, cand, k2, delta=delta,
                                       stats=stats)
@@ -497,9 +610,8 @@ def mine_torch(img, cap, k_i2t: int, k_t2i: int, *, precision: str = "bf16",
         else:
             t2i = np.empty((n_c, 0), dtype=np.int32)
             t2i_s = np.empty((n_c, 0), dtype=np.float32)
-    stats.update(tiles=tiles, peak_buffered=peak, seconds_rescore=t_rescore,
-                 gemm_flop=2.0 * n_i * n_c * d, seconds=time.perf_counter() - t_start)
-    return KnnResult(i2t, i2t_s, t2i, t2i_s, stats)
+    stats.update(tiles=tiles, peak_buffered=peak, seconds_rescore=t_rescore)
+    return i2t, i2t_s, t2i, t2i_s
 
 
 def _probe(a_lp, b_lp, img32, cap32, scale, eps0, rho) -> float:

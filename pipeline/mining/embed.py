@@ -1,0 +1,231 @@
+"""Embed a split for mining: L2-normalised float32 image and caption rows, streamed to disk.
+
+Two layers:
+
+* :func:`encode_image_range` / :func:`encode_caption_range` -- pure functions (no file IO):
+  encode a contiguous range of unique images / captions with a loaded model and return
+  the rows in order. They are the unit of work of any scale-out (a dask module maps them
+  over shards, each worker holding its own model).
+* :func:`embed_split` -- the single-process driver: loads a checkpoint, opens a split and
+  fills ``img_embs.npy`` (N_img, D) and ``cap_embs.npy`` (5 N_img, D) block by block through
+  ``np.lib.format.open_memmap`` temp files in the output folder, then renames them into
+  place and writes ``embeddings.json``. Memory stays at one block of rows (plus the model)
+  whatever the size of the split; the region features are read through their memmap.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.data.datasets import CaptionDataset, collate_captions
+from pipeline.errors import InputError
+from pipeline.io import temp_beside
+
+IMG_FILE, CAP_FILE, META_FILE = "img_embs.npy", "cap_embs.npy", "embeddings.json"
+FORMAT = "itm-pipeline/embeddings-v1"
+DEFAULT_BLOCK_ROWS = 4096
+
+
+def _unit_rows(emb: torch.Tensor) -> np.ndarray:
+    """float32 rows scaled to unit L2 norm (zero rows stay zero).
+
+    The indep models already normalise their outputs, but mining's exactness bound and the
+    candidate scores assume unit rows in float32: a model built with no_imgnorm /
+    no_txtnorm, or a bf16/fp16 forward pass, would otherwise hand over rows that are not.
+    Re-normalising an already unit row changes it by at most a few float32 ulps.
+    """
+    x = emb.detach().float().cpu()
+    norm = x.norm(dim=1, keepdim=True)
+    x = x / norm.clamp_min(torch.finfo(torch.float32).tiny)
+    return x.numpy()
+
+
+def _check_range(start: int, stop: int, n: int, what: str) -> tuple[int, int]:
+    start, stop = int(start), int(stop)
+    if not 0 <= start <= stop <= n:
+        raise IndexError(f"{what} range [{start}, {stop}) outside [0, {n})")
+    return start, stop
+
+
+@torch.no_grad()
+def encode_image_range(model, split, start: int, stop: int, *, batch_size: int = 256,
+                       device: str = "cpu") -> np.ndarray:
+    """(stop - start, D) float32, L2-normalised: unique images start .. stop-1 in row order.
+
+    ``model`` must already be on ``device``; it is put in eval mode for the call and its
+    previous mode restored.
+    """
+    start, stop = _check_range(start, stop, split.n_images, "image")
+    was_training = model.training
+    model.eval()
+    try:
+        parts = []
+        for b0 in range(start, stop, batch_size):
+            b1 = min(stop, b0 + batch_size)
+            feats = torch.from_numpy(split.image_rows(np.arange(b0, b1)))
+            lengths = torch.full((b1 - b0,), feats.shape[1], dtype=torch.long)
+            emb = model.encode_image(feats.to(device), lengths.to(device))
+            parts.append(_unit_rows(emb))
+    finally:
+        model.train(was_training)
+    if not parts:
+        return np.empty((0, _embed_dim(model)), dtype=np.float32)
+    return np.concatenate(parts, axis=0)
+
+
+@torch.no_grad()
+def encode_caption_range(model, split, vocab, start: int, stop: int, *, batch_size: int = 512,
+                         device: str = "cpu") -> np.ndarray:
+    """(stop - start, D) float32, L2-normalised: captions start .. stop-1 in file order."""
+    start, stop = _check_range(start, stop, split.n_captions, "caption")
+    dataset = CaptionDataset(split, vocab)
+    was_training = model.training
+    model.eval()
+    out = None
+    try:
+        for b0 in range(start, stop, batch_size):
+            b1 = min(stop, b0 + batch_size)
+            batch = collate_captions([dataset[j] for j in range(b0, b1)])
+            emb = _unit_rows(model.encode_text(batch["tokens"].to(device),
+                                               batch["lengths"].to(device)))
+            if out is None:
+                out = np.empty((stop - start, emb.shape[1]), dtype=np.float32)
+            out[batch["index"].numpy() - start] = emb  # collate sorts by length: put rows back
+    finally:
+        model.train(was_training)
+    if out is None:
+        return np.empty((0, _embed_dim(model)), dtype=np.float32)
+    return out
+
+
+def _embed_dim(model) -> int:
+    cfg = getattr(model, "config", {}) or {}
+    return int(cfg.get("embed_size", 0))
+
+
+def block_plan(n: int, block_rows: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of at most block_rows covering 0 .. n (the unit of streaming)."""
+    return [(s, min(n, s + block_rows)) for s in range(0, n, block_rows)]
+
+
+def _temp_npy(out_dir: Path, name: str) -> Path:
+    return temp_beside(Path(out_dir) / name)
+
+
+def embed_split(checkpoint, data_dir, split: str, out_dir, *, batch_size: int = 256,
+                device: str = "cpu", progress: bool = True,
+                block_rows: int = DEFAULT_BLOCK_ROWS) -> dict:
+    """Embed one split with a checkpoint into ``out_dir`` (img_embs.npy, cap_embs.npy,
+    embeddings.json). Files appear whole or not at all. Returns the embeddings.json dict."""
+    from tqdm.auto import tqdm
+
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.data.precomp import find_vocab, open_split
+    from pipeline.data.vocab import Vocab
+
+    for name, v in (("batch_size", batch_size), ("block_rows", block_rows)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise InputError(None, f"{name} must be a positive integer, got {v!r}")
+    t0 = time.perf_counter()
+    _check_device(device)
+    model, vocab, cfg = load_checkpoint(checkpoint, device)
+    if getattr(model, "kind", "indep") != "indep":
+        raise InputError(checkpoint, f"model {getattr(model, 'name', '?')!r} is a cross-attention "
+                                     "model: mining needs independent embeddings")
+    data = open_split(data_dir, split, expected_dim=cfg["model"].get("img_dim"))
+    if vocab is None:
+        vocab = Vocab.load(find_vocab(data_dir))
+    n_img, n_cap = data.n_images, data.n_captions
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    img_plan, cap_plan = block_plan(n_img, block_rows), block_plan(n_cap, block_rows)
+    temps: list[Path] = []
+    img_mm = cap_mm = None
+    try:
+        bar = tqdm(total=n_img + n_cap, desc=f"embed {split}", unit="row",
+                   disable=not progress, leave=False)
+        # The first block tells the embedding width D; then the memmaps are sized.
+        first = encode_image_range(model, data, *img_plan[0], batch_size=batch_size,
+                                   device=device)
+        dim = int(first.shape[1])
+        temps += [_temp_npy(out_dir, IMG_FILE), _temp_npy(out_dir, CAP_FILE)]
+        img_mm = np.lib.format.open_memmap(temps[0], mode="w+", dtype=np.float32,
+                                           shape=(n_img, dim))
+        cap_mm = np.lib.format.open_memmap(temps[1], mode="w+", dtype=np.float32,
+                                           shape=(n_cap, dim))
+        img_mm[img_plan[0][0]:img_plan[0][1]] = first
+        bar.update(len(first))
+        del first
+        for s, e in img_plan[1:]:
+            img_mm[s:e] = encode_image_range(model, data, s, e, batch_size=batch_size,
+                                             device=device)
+            bar.update(e - s)
+        for s, e in cap_plan:
+            cap_mm[s:e] = encode_caption_range(model, data, vocab, s, e,
+                                               batch_size=2 * batch_size, device=device)
+            bar.update(e - s)
+        bar.close()
+        img_mm.flush()
+        cap_mm.flush()
+        del img_mm, cap_mm
+        img_mm = cap_mm = None
+        meta = publish_embeddings(out_dir, temps[0], temps[1], checkpoint=checkpoint,
+                                  model_name=cfg["model"].get("name", getattr(model, "name", "")),
+                                  data_dir=data_dir, split=split, n_img=n_img, n_cap=n_cap,
+                                  dim=dim, device=device, batch_size=batch_size,
+                                  block_rows=block_rows, t0=t0)
+        return meta
+    finally:
+        del img_mm, cap_mm
+        for t in temps:
+            t.unlink(missing_ok=True)
+        data.close()
+
+
+def publish_embeddings(out_dir: Path, img_tmp: Path, cap_tmp: Path, *, checkpoint, model_name: str,
+                       data_dir, split: str, n_img: int, n_cap: int, dim: int, device,
+                       batch_size: int, block_rows: int, t0: float) -> dict:
+    """Move two complete temp arrays into place and write embeddings.json describing them
+    (shared by the single-process and the dask-sharded embed)."""
+    from pipeline.checkpoint import checkpoint_hash
+    from pipeline.io import write_json
+
+    meta = {
+        "format": FORMAT,
+        "checkpoint": str(checkpoint),
+        "checkpoint_hash": checkpoint_hash(checkpoint),
+        "model": model_name,
+        "data": str(data_dir),
+        "split": split,
+        "n_img": n_img,
+        "n_cap": n_cap,
+        "dim": dim,
+        "dtype": "float32",
+        "l2_normalised": True,
+        "files": {"img": IMG_FILE, "cap": CAP_FILE},
+        "device": str(device),
+        "batch_size": int(batch_size),
+        "block_rows": int(block_rows),
+    }
+    # A stale embeddings.json must never describe the new arrays: drop it first, move
+    # both arrays into place, then write the new one (readers key on embeddings.json).
+    (out_dir / META_FILE).unlink(missing_ok=True)
+    os.replace(img_tmp, out_dir / IMG_FILE)
+    os.replace(cap_tmp, out_dir / CAP_FILE)
+    meta["seconds"] = round(time.perf_counter() - t0, 3)
+    write_json(out_dir / META_FILE, meta)
+    return meta
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(None, f"unknown device {device!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(None, f"device {device!r} requested but CUDA is not available")
