@@ -48,8 +48,8 @@ def test_dvc_repro_smoke(tmp_path):
     emb = json.loads((work / "artifacts/embeddings/embeddings.json").read_text())
     assert (emb["n_img"], emb["n_cap"]) == (n_img, 5 * n_img)
     assert np.load(work / "artifacts/embeddings/img_embs.npy", mmap_mode="r").shape == (n_img, emb["dim"])
-    i2t = np.load(work / "artifacts/candidates/i2t_data.npy")
-    t2i = np.load(work / "artifacts/candidates/t2i_data.npy")
+    i2t = np.load(work / "artifacts/candidates/i2t_synthetic.npy")
+    t2i = np.load(work / "artifacts/candidates/t2i_synthetic.npy")
     assert i2t.dtype == t2i.dtype == np.int32
     assert i2t.shape == (n_img, k1) and t2i.shape == (5 * n_img, k2)
     assert not (i2t // 5 == np.arange(n_img)[:, None]).any()          # own captions excluded

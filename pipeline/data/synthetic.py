@@ -667,7 +667,7 @@ def generate(out_dir: str | Path, config: SyntheticConfig | None = None, progres
                       "attributes": {gname: [a for a, _ in ws] for gname, ws in ATTR_GROUPS.items()},
                       "scenes": SCENE_NAMES, "relations": list(REL_NAMES)},
         })
-        meta = {"config": cfg.to_dict(), "stats": stats}
+        meta = {"dataset": "synthetic", "config": cfg.to_dict(), "stats": stats}
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
     out = dict(stats)
     out["config"] = cfg.to_dict()

@@ -54,9 +54,20 @@ _PARQUET_SCHEMA = pa.schema([
 def dataset_name(data_dir) -> str:
     """The candidate-set name AOQ derives from a data folder: its name, minus ``_precomp``.
 
-    ``coco_precomp`` -> ``coco``, ``f30k_precomp`` -> ``f30k``, ``artifacts/data`` -> ``data``.
+    ``coco_precomp`` -> ``coco``, ``f30k_precomp`` -> ``f30k``. A folder written by
+    `prepare-data` says what it holds in its dataset.json: ``synthetic``, or the real
+    source folder's name (``artifacts/data`` linking ``coco_precomp`` -> ``coco``).
     """
     p = Path(data_dir)
+    try:
+        info = json.loads((p / "dataset.json").read_text())
+    except (OSError, ValueError):
+        info = None
+    if isinstance(info, dict):
+        if info.get("dataset") == "synthetic":
+            return "synthetic"
+        if info.get("dataset") == "precomp" and info.get("source"):
+            return dataset_name(info["source"])
     name = p.name
     if name in ("", ".", ".."):
         name = p.resolve().name
