@@ -1,0 +1,227 @@
+"""Candidate-mining benchmark: every backend on the same embeddings and K, in one run.
+
+Measures, on this machine and in this run:
+- the machine's own fp32 and bf16 GEMM rates (torch.matmul of the tile shape the torch
+  backend uses), so every figure is reported as a share of the measured bf16 rate;
+- our torch backend (one tiled pass, both directions, exact);
+- our faiss backend (IndexFlatIP, one search per direction, exact);
+- the reference scheme (AOQ's tools: one query at a time, GEMV + top-k), timed on a sample
+  of queries and extrapolated to all of them;
+- peak RSS of each backend (each runs in its own subprocess), at two sizes to show
+  whether memory grows with the number of queries;
+- the COCO-scale time (113,287 x 566,435 x 1024) extrapolated from each measured rate.
+
+Usage:
+    python benchmarks/mining.py                         # 20,000 x 100,000 x 1024, K 2000/400
+    python benchmarks/mining.py --n-img 4000 --dim 256  # quicker
+Effective rate = 2 * N_img * N_cap * D / seconds (the one score matrix both directions share).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+COCO = (113_287, 566_435, 1024)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def make_embeddings(n_img: int, dim: int, seed: int, folder: Path) -> tuple[Path, Path]:
+    """Unit embeddings with retrieval structure: each caption is its image plus noise."""
+    rng = np.random.default_rng(seed)
+    img = rng.standard_normal((n_img, dim), dtype=np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    ip, cp = folder / f"img_{n_img}.npy", folder / f"cap_{n_img}.npy"
+    np.save(ip, img)
+    cap = np.lib.format.open_memmap(cp, mode="w+", dtype=np.float32, shape=(5 * n_img, dim))
+    for s in range(0, n_img, 4096):
+        e = min(n_img, s + 4096)
+        block = np.repeat(img[s:e], 5, axis=0) + 1.2 / np.sqrt(dim) * rng.standard_normal(
+            (5 * (e - s), dim), dtype=np.float32)
+        cap[5 * s:5 * e] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    cap.flush()
+    return ip, cp
+
+
+def gemm_rates(dim: int, rows: int = 4096, cols: int = 8192, reps: int = 5) -> dict:
+    import torch
+
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(rows, dim).to(dtype)
+        b = torch.randn(cols, dim).to(dtype)
+        a @ b.t()
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ b.t()
+            best = min(best, time.perf_counter() - t)
+        out[name] = 2.0 * rows * cols * dim / best / 1e9
+    return out
+
+
+# ----------------------------------------------------------------------- one backend
+def run_backend(backend: str, img_path: str, cap_path: str, k_i2t: int, k_t2i: int,
+                sample: int) -> dict:
+    """Runs in a subprocess: its peak RSS is the backend's own."""
+    import torch
+
+    img = np.load(img_path, mmap_mode="r")
+    cap = np.load(cap_path, mmap_mode="r")
+    n_img, n_cap = img.shape[0], cap.shape[0]
+    t = time.perf_counter()
+    if backend == "torch":
+        from pipeline.mining.knn_torch import mine_torch
+
+        res = mine_torch(img, cap, k_i2t, k_t2i, precision="bf16")
+    elif backend == "torch-fp32":
+        from pipeline.mining.knn_torch import mine_torch
+
+        res = mine_torch(img, cap, k_i2t, k_t2i, precision="fp32")
+    elif backend == "faiss":
+        from pipeline.mining.knn_faiss import mine_faiss
+
+        res = mine_faiss(img, cap, k_i2t, k_t2i, index="flat")
+    elif backend == "reference":
+        return reference_scheme(img, cap, k_i2t, k_t2i, sample)
+    else:
+        raise SystemExit(f"unknown backend {backend}")
+    seconds = time.perf_counter() - t
+    digest = {d: int(np.asarray(getattr(res, d), dtype=np.int64).sum() % (1 << 61))
+              for d in ("i2t", "t2i")}
+    np.save(Path(img_path).with_name(f"ids_{backend}_{n_img}_i2t.npy"), res.i2t)
+    np.save(Path(img_path).with_name(f"ids_{backend}_{n_img}_t2i.npy"), res.t2i)
+    return {"seconds": seconds, "digest": digest, "n_img": n_img, "n_cap": n_cap,
+            "threads": torch.get_num_threads()}
+
+
+def reference_scheme(img, cap, k_i2t, k_t2i, sample: int) -> dict:
+    """AOQ's tools: one query at a time, a GEMV against the whole gallery, positives set to
+    -9999, top-k. Timed on `sample` queries per direction and extrapolated."""
+    import torch
+
+    img_t = torch.from_numpy(np.ascontiguousarray(img))
+    cap_t = torch.from_numpy(np.ascontiguousarray(cap))
+    n_img, n_cap = img_t.shape[0], cap_t.shape[0]
+    rng = np.random.default_rng(0)
+    t = time.perf_counter()
+    for i in rng.choice(n_img, size=min(sample, n_img), replace=False):
+        s = cap_t @ img_t[i]
+        s[5 * i:5 * i + 5] = -9999
+        torch.topk(s, k_i2t)
+    per_i2t = (time.perf_counter() - t) / min(sample, n_img)
+    t = time.perf_counter()
+    for j in rng.choice(n_cap, size=min(sample, n_cap), replace=False):
+        s = img_t @ cap_t[j]
+        s[j // 5] = -9999
+        torch.topk(s, k_t2i)
+    per_t2i = (time.perf_counter() - t) / min(sample, n_cap)
+    return {"seconds": per_i2t * n_img + per_t2i * n_cap, "sampled": int(sample),
+            "n_img": n_img, "n_cap": n_cap, "threads": torch.get_num_threads()}
+
+
+def in_subprocess(backend, img_path, cap_path, k_i2t, k_t2i, sample) -> dict:
+    cmd = [sys.executable, __file__, "--worker", backend, "--img", str(img_path),
+           "--cap", str(cap_path), "--k-i2t", str(k_i2t), "--k-t2i", str(k_t2i),
+           "--sample", str(sample)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    out = proc.stdout.read()
+    if status != 0:
+        raise SystemExit(f"{backend} failed (status {status})")
+    res = json.loads(out.strip().splitlines()[-1])
+    res["peak_rss_gb"] = usage.ru_maxrss / 1024 ** 2  # ru_maxrss is in KiB on Linux
+    return res
+
+
+# ----------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n-img", type=int, default=20_000)
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--k-i2t", type=int, default=2000)
+    ap.add_argument("--k-t2i", type=int, default=400)
+    ap.add_argument("--backends", default="torch,faiss,reference")
+    ap.add_argument("--memory-sizes", default="", help="extra n_img values for the torch memory check")
+    ap.add_argument("--sample", type=int, default=200, help="queries per direction for the reference")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--img", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--cap", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(run_backend(args.worker, args.img, args.cap, args.k_i2t, args.k_t2i,
+                                     args.sample)))
+        return 0
+
+    import torch
+
+    tmp = Path(tempfile.mkdtemp(prefix="itm_bench_"))
+    n_img, dim = args.n_img, args.dim
+    n_cap = 5 * n_img
+    flop = 2.0 * n_img * n_cap * dim
+    coco_flop = 2.0 * COCO[0] * COCO[1] * COCO[2]
+    print(f"CPU: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"size: {n_img} x {n_cap} x {dim}, K {args.k_i2t}/{args.k_t2i}")
+    img_path, cap_path = make_embeddings(n_img, dim, args.seed, tmp)
+    rates = gemm_rates(dim)
+    print(f"GEMM (4096 x 8192 x {dim}): fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s")
+
+    rows = []
+    results = {}
+    for backend in [b for b in args.backends.split(",") if b]:
+        r = in_subprocess(backend, img_path, cap_path, args.k_i2t, args.k_t2i, args.sample)
+        results[backend] = r
+        rate = flop / r["seconds"] / 1e9
+        rows.append((backend, r["seconds"], rate, rate / rates["bf16"], r["peak_rss_gb"],
+                     coco_flop / (rate * 1e9) / 60))
+        print(f"  {backend}: {r['seconds']:.1f} s", flush=True)
+    for size in [int(x) for x in args.memory_sizes.split(",") if x]:
+        ip, cp = make_embeddings(size, dim, args.seed + 1, tmp)
+        r = in_subprocess("torch", ip, cp, args.k_i2t, args.k_t2i, args.sample)
+        rate = 2.0 * size * 5 * size * dim / r["seconds"] / 1e9
+        rows.append((f"torch @ {size} images", r["seconds"], rate, rate / rates["bf16"],
+                     r["peak_rss_gb"], None))
+    same = None
+    if "torch" in results and "faiss" in results:
+        same = all(np.array_equal(np.load(tmp / f"ids_torch_{n_img}_{d}.npy"),
+                                  np.load(tmp / f"ids_faiss_{n_img}_{d}.npy")) for d in ("i2t", "t2i"))
+
+    print()
+    print(f"| backend | seconds | effective GFLOP/s | share of bf16 GEMM | peak RSS (GB) | COCO-scale (min, extrapolated) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, sec, rate, share, rss, coco in rows:
+        coco_s = f"{coco:.1f}" if coco is not None else ""
+        print(f"| {name} | {sec:.1f} | {rate:.0f} | {share:.0%} | {rss:.2f} | {coco_s} |")
+    print(f"| (bf16 GEMM alone, this run) | {flop / rates['bf16'] / 1e9:.1f} | {rates['bf16']:.0f} | 100% | | {coco_flop / rates['bf16'] / 1e9 / 60:.1f} |")
+    if same is not None:
+        print(f"\ntorch ids == faiss IndexFlatIP ids (both directions): {same}")
+    if "torch" in results and "faiss" in results:
+        print(f"torch speed-up over faiss: {results['faiss']['seconds'] / results['torch']['seconds']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "gemm": rates, "rows": rows,
+                                               "same_ids": same}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
