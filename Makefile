@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
+# dvc runs each stage's `itm-pipeline ...` command through the shell: the venv must be on PATH
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: pipeline test install clean
 
