@@ -503,8 +503,9 @@ def _tiled_pass(img32, cap32, k1: int, k2: int, *, row_offset: int, precision: s
     n_c = cap32.shape[0]
     dtype = _FORMATS[precision][0]
     with torch.no_grad(), _exact_matmul_flags():
-        a32 = torch.from_numpy(img32).to(dev)
-        b32 = torch.from_numpy(cap32).to(dev)
+        # read-only memmaps: torch needs writable memory, so they are copied once
+        a32 = torch.from_numpy(img32 if img32.flags.writeable else np.array(img32)).to(dev)
+        b32 = torch.from_numpy(cap32 if cap32.flags.writeable else np.array(cap32)).to(dev)
         # fp16 has a small range: a side whose max row norm is outside [1/16, 16] is scaled
         # by a power of two (max norm into [0.5, 1)); the tile scores then all scale by one
         # positive constant, the ordering is unchanged, and the bound is computed in the
