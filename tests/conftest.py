@@ -19,3 +19,15 @@ def tiny_data(tmp_path_factory):
     generate(out, SyntheticConfig(n_train=100, n_dev=25, n_test=25, feature_dim=16, seed=0),
              progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def ckpt(tiny_data, tmp_path_factory):
+    """A tiny VSE++ checkpoint trained one epoch on tiny_data (for embedding/mining tests)."""
+    from stages import train_base
+
+    out = tmp_path_factory.mktemp("tiny_base")
+    res = train_base.run(model="vsepp", data_dir=tiny_data, out_dir=out,
+                         model_options={"embed_size": 16, "word_dim": 8},
+                         train_options={"epochs": 1, "batch_size": 16}, progress=False)
+    return res["checkpoint"]

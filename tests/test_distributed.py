@@ -141,17 +141,6 @@ def test_bad_scheduler_address_fails_fast():
 
 
 # --------------------------------------------------------------------------- embedding
-@pytest.fixture(scope="module")
-def ckpt(tiny_data, tmp_path_factory):
-    from stages import train_base
-
-    out = tmp_path_factory.mktemp("dist_base")
-    res = train_base.run(model="vsepp", data_dir=tiny_data, out_dir=out,
-                         model_options={"embed_size": 16, "word_dim": 8},
-                         train_options={"epochs": 1, "batch_size": 16}, progress=False)
-    return res["checkpoint"]
-
-
 def test_embed_distributed_equals_embed_split(client, ckpt, tiny_data, tmp_path):
     from pipeline.mining.embed import CAP_FILE, IMG_FILE, META_FILE, embed_split
 

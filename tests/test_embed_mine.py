@@ -19,17 +19,6 @@ N_IMG = 100  # tiny_data train split
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_data, tmp_path_factory):
-    from stages import train_base
-
-    out = tmp_path_factory.mktemp("base")
-    res = train_base.run(model="vsepp", data_dir=tiny_data, out_dir=out,
-                         model_options={"embed_size": 16, "word_dim": 8},
-                         train_options={"epochs": 1, "batch_size": 16}, progress=False)
-    return res["checkpoint"]
-
-
-@pytest.fixture(scope="module")
 def emb_dir(ckpt, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("emb") / "embeddings"
     embed_split(ckpt, tiny_data, "train", out, progress=False)
