@@ -11,6 +11,8 @@ from typing import Iterator
 
 import numpy as np
 
+from pipeline.errors import InputError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -79,3 +81,63 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
+
+
+# -- reading .npy files with one-line errors ----------------------------------------------
+def open_npy(path: str | Path, *, mmap: bool = True, what: str = "") -> np.ndarray:
+    """One .npy array, memory-mapped by default. Every way the file can be broken (missing,
+    not a file, empty, not npy, truncated, object array, archive) is an InputError naming
+    it. ``what`` ("image embeddings", ...) only words the messages."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, f"{what} file not found" if what else "file not found")
+    if not path.is_file():
+        raise InputError(path, f"{what}: not a file" if what else "not a file")
+    check_npy_header(path)
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError, TypeError) as e:
+        raise InputError(path, f"unreadable or corrupt .npy file ({short_error(e)})") from None
+    if not isinstance(arr, np.ndarray):
+        raise InputError(path, "not a single .npy array")
+    return arr
+
+
+def check_npy_header(path: Path) -> None:
+    """Clear messages for the common ways an .npy file is broken (not npy, truncated)."""
+    fmt = np.lib.format
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise InputError(path, "empty file (not a .npy array)")
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise InputError(path, "not a .npy file (no NumPy header); corrupt or another format")
+            f.seek(0)
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = fmt.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = fmt.read_array_header_2_0(f)
+            else:
+                return  # leave newer versions to np.load
+            offset = f.tell()
+    except InputError:
+        raise
+    except (ValueError, OSError, EOFError, TypeError) as e:
+        raise InputError(path, f"unreadable or corrupt .npy file ({short_error(e)})") from None
+    if dtype.hasobject:
+        raise InputError(path, "the .npy file holds Python objects, not numbers")
+    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    have = size - offset
+    if have < need:
+        raise InputError(path, f"truncated .npy file: shape {tuple(shape)} {dtype} needs {need} bytes "
+                               f"of data, the file has {have}")
+
+
+def short_error(e: Exception) -> str:
+    """An exception as one short line: its class and message."""
+    msg = " ".join(str(e).split())
+    if len(msg) > 160:
+        msg = msg[:157] + "..."
+    return f"{e.__class__.__name__}: {msg}" if msg else e.__class__.__name__

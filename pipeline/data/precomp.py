@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.io import open_npy, short_error
 
 CAPTIONS_PER_IMAGE = 5
 SPLITS = ("train", "dev", "test", "testall")
@@ -150,7 +151,7 @@ def _open_features(path: Path):
         try:
             f = h5py.File(path, "r")
         except (OSError, ValueError) as e:
-            raise InputError(path, f"unreadable HDF5 file ({_short(e)})") from None
+            raise InputError(path, f"unreadable HDF5 file ({short_error(e)})") from None
         try:
             ds = f["feat"]
         except KeyError:
@@ -159,58 +160,12 @@ def _open_features(path: Path):
             raise InputError(path, f"no dataset 'feat' in HDF5 file (found: {keys})") from None
         except (OSError, ValueError) as e:
             f.close()
-            raise InputError(path, f"unreadable HDF5 file ({_short(e)})") from None
+            raise InputError(path, f"unreadable HDF5 file ({short_error(e)})") from None
         if not isinstance(ds, h5py.Dataset):
             f.close()
             raise InputError(path, "'feat' is not a dataset")
         return ds, f
-    _check_npy_header(path)
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError, TypeError) as e:
-        raise InputError(path, f"unreadable or corrupt .npy file ({_short(e)})") from None
-    if not isinstance(arr, np.ndarray):
-        raise InputError(path, "not a single .npy array")
-    return arr, None
-
-
-def _check_npy_header(path: Path) -> None:
-    """Clear messages for the common ways an .npy file is broken (not npy, truncated)."""
-    fmt = np.lib.format
-    try:
-        size = path.stat().st_size
-        if size == 0:
-            raise InputError(path, "empty file (not a .npy array)")
-        with open(path, "rb") as f:
-            if f.read(6) != b"\x93NUMPY":
-                raise InputError(path, "not a .npy file (no NumPy header); corrupt or another format")
-            f.seek(0)
-            version = fmt.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = fmt.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, fortran, dtype = fmt.read_array_header_2_0(f)
-            else:
-                return  # leave newer versions to np.load
-            offset = f.tell()
-    except InputError:
-        raise
-    except (ValueError, OSError, EOFError, TypeError) as e:
-        raise InputError(path, f"unreadable or corrupt .npy file ({_short(e)})") from None
-    if dtype.hasobject:
-        raise InputError(path, "the .npy file holds Python objects, not numbers")
-    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    have = size - offset
-    if have < need:
-        raise InputError(path, f"truncated .npy file: shape {tuple(shape)} {dtype} needs {need} bytes "
-                               f"of data, the file has {have}")
-
-
-def _short(e: Exception) -> str:
-    msg = " ".join(str(e).split())
-    if len(msg) > 160:
-        msg = msg[:157] + "..."
-    return f"{e.__class__.__name__}: {msg}" if msg else e.__class__.__name__
+    return open_npy(path), None
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -218,7 +173,7 @@ def _read_lines(path: Path) -> list[str]:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise InputError(path, f"cannot read file ({_short(e)})") from None
+        raise InputError(path, f"cannot read file ({short_error(e)})") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

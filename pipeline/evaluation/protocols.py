@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.io import open_npy
 from pipeline.evaluation.ranks import (
     CAPS_PER_IMAGE,
     METRIC_KEYS,
@@ -96,19 +97,7 @@ def load_sims(path) -> np.ndarray:
     (checked block by block, so the matrix is never loaded whole).
     """
     p = Path(path)
-    if not p.exists():
-        raise InputError(p, "file not found")
-    if p.is_dir():
-        raise InputError(p, "is a directory, expected a .npy file")
-    try:
-        arr = np.load(p, mmap_mode="r", allow_pickle=False)
-    except Exception as e:  # corrupt header, truncated data, pickles, unreadable file ...
-        raise InputError(p, f"cannot read as a .npy array: {type(e).__name__}: {e}") from None
-    if not isinstance(arr, np.ndarray):  # an .npz archive
-        close = getattr(arr, "close", None)
-        if close is not None:
-            close()
-        raise InputError(p, "is an .npz archive; expected a single .npy array")
+    arr = open_npy(p, what="similarity matrix")
     if arr.dtype.kind not in "fiu":
         raise InputError(p, f"dtype {arr.dtype} is not a real number type")
     n = _shape_check(arr.shape, p)

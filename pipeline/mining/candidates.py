@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from pipeline.io import temp_beside
+from pipeline.io import open_npy, temp_beside
 
 CAPTIONS_PER_IMAGE = 5
 FORMAT_VERSION = 1
@@ -388,22 +388,6 @@ def write_candidates(out_dir, name: str, cands: Candidates, meta: dict | None = 
 
 
 # --------------------------------------------------------------------------- reading
-def _open_npy(path: Path, mmap: bool) -> np.ndarray:
-    from pipeline.data.precomp import _check_npy_header  # clear messages for broken .npy files
-
-    if not path.is_file():
-        raise InputError(path, "file not found" if not path.exists() else "not a file")
-    _check_npy_header(path)
-    try:
-        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (ValueError, OSError, EOFError, TypeError) as e:
-        raise InputError(path, f"unreadable or corrupt .npy file ({e.__class__.__name__}: "
-                               f"{' '.join(str(e).split())[:160]})") from None
-    if not isinstance(arr, np.ndarray):
-        raise InputError(path, "not a single .npy array")
-    return arr
-
-
 def _infer_name(folder: Path) -> str:
     i2t = {p.name[4:-4] for p in folder.glob("i2t_*.npy") if p.is_file()}
     t2i = {p.name[4:-4] for p in folder.glob("t2i_*.npy") if p.is_file()}
@@ -496,8 +480,8 @@ def load_candidates(path, name: str | None = None, *, n_images: int | None = Non
                          "expected a folder holding i2t_<name>.npy and t2i_<name>.npy, got a file")
     name = _infer_name(folder) if name is None else _check_name(name)
     paths = candidate_paths(folder, name)
-    i2t = _open_npy(paths["i2t_npy"], mmap)
-    t2i = _open_npy(paths["t2i_npy"], mmap)
+    i2t = open_npy(paths["i2t_npy"], mmap=mmap)
+    t2i = open_npy(paths["t2i_npy"], mmap=mmap)
     # the ids first, so that a Parquet file is not blamed for a bad .npy file
     validate_candidates(Candidates(i2t, t2i), n_images=n_images, source_i2t=paths["i2t_npy"],
                         source_t2i=paths["t2i_npy"], check=check)
@@ -567,8 +551,8 @@ def import_candidates(i2t_file, t2i_file, out_dir, name: str, *, n_images: int |
     """
     name = _check_name(name)
     i2t_file, t2i_file = Path(i2t_file), Path(t2i_file)
-    i2t_raw = _open_npy(i2t_file, mmap=True)
-    t2i_raw = _open_npy(t2i_file, mmap=True)
+    i2t_raw = open_npy(i2t_file, mmap=True)
+    t2i_raw = open_npy(t2i_file, mmap=True)
     _check_matrix(i2t_raw, i2t_file, "i2t candidate ids")
     _check_matrix(t2i_raw, t2i_file, "t2i candidate ids")
     n_img, n_cap = int(i2t_raw.shape[0]), int(t2i_raw.shape[0])

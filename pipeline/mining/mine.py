@@ -109,20 +109,10 @@ _FINITE_CHUNK_BYTES = 64 << 20
 def open_embeddings(path: str | Path, what: str) -> np.ndarray:
     """Memory-map a 2-D float .npy embedding file and check it (finite, non-empty).
     ``what`` ("image" / "caption") only words the messages."""
-    from pipeline.data.precomp import _check_npy_header
+    from pipeline.io import open_npy
 
     path = Path(path)
-    if not path.exists():
-        raise InputError(path, f"{what} embeddings file not found")
-    if not path.is_file():
-        raise InputError(path, f"{what} embeddings: not a file")
-    _check_npy_header(path)
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError, TypeError) as e:
-        raise InputError(path, f"unreadable or corrupt .npy file ({e.__class__.__name__})") from None
-    if not isinstance(arr, np.ndarray):
-        raise InputError(path, "not a single .npy array")
+    arr = open_npy(path, what=f"{what} embeddings")
     if arr.ndim != 2:
         raise InputError(path, f"{what} embeddings must be 2-D (rows, D), got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.floating):
