@@ -21,90 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data.datasets import CaptionDataset, collate_captions
+from pipeline.embeddings import encode_caption_range, encode_image_range  # noqa: F401 (re-exported for scale-out)
 from pipeline.errors import InputError
 from pipeline.io import temp_beside
 
 IMG_FILE, CAP_FILE, META_FILE = "img_embs.npy", "cap_embs.npy", "embeddings.json"
 FORMAT = "itm-pipeline/embeddings-v1"
 DEFAULT_BLOCK_ROWS = 4096
-
-
-def _unit_rows(emb: torch.Tensor) -> np.ndarray:
-    """float32 rows scaled to unit L2 norm (zero rows stay zero).
-
-    The indep models already normalise their outputs, but mining's exactness bound and the
-    candidate scores assume unit rows in float32: a model built with no_imgnorm /
-    no_txtnorm, or a bf16/fp16 forward pass, would otherwise hand over rows that are not.
-    Re-normalising an already unit row changes it by at most a few float32 ulps.
-    """
-    x = emb.detach().float().cpu()
-    norm = x.norm(dim=1, keepdim=True)
-    x = x / norm.clamp_min(torch.finfo(torch.float32).tiny)
-    return x.numpy()
-
-
-def _check_range(start: int, stop: int, n: int, what: str) -> tuple[int, int]:
-    start, stop = int(start), int(stop)
-    if not 0 <= start <= stop <= n:
-        raise IndexError(f"{what} range [{start}, {stop}) outside [0, {n})")
-    return start, stop
-
-
-@torch.no_grad()
-def encode_image_range(model, split, start: int, stop: int, *, batch_size: int = 256,
-                       device: str = "cpu") -> np.ndarray:
-    """(stop - start, D) float32, L2-normalised: unique images start .. stop-1 in row order.
-
-    ``model`` must already be on ``device``; it is put in eval mode for the call and its
-    previous mode restored.
-    """
-    start, stop = _check_range(start, stop, split.n_images, "image")
-    was_training = model.training
-    model.eval()
-    try:
-        parts = []
-        for b0 in range(start, stop, batch_size):
-            b1 = min(stop, b0 + batch_size)
-            feats = torch.from_numpy(split.image_rows(np.arange(b0, b1)))
-            lengths = torch.full((b1 - b0,), feats.shape[1], dtype=torch.long)
-            emb = model.encode_image(feats.to(device), lengths.to(device))
-            parts.append(_unit_rows(emb))
-    finally:
-        model.train(was_training)
-    if not parts:
-        return np.empty((0, _embed_dim(model)), dtype=np.float32)
-    return np.concatenate(parts, axis=0)
-
-
-@torch.no_grad()
-def encode_caption_range(model, split, vocab, start: int, stop: int, *, batch_size: int = 512,
-                         device: str = "cpu") -> np.ndarray:
-    """(stop - start, D) float32, L2-normalised: captions start .. stop-1 in file order."""
-    start, stop = _check_range(start, stop, split.n_captions, "caption")
-    dataset = CaptionDataset(split, vocab)
-    was_training = model.training
-    model.eval()
-    out = None
-    try:
-        for b0 in range(start, stop, batch_size):
-            b1 = min(stop, b0 + batch_size)
-            batch = collate_captions([dataset[j] for j in range(b0, b1)])
-            emb = _unit_rows(model.encode_text(batch["tokens"].to(device),
-                                               batch["lengths"].to(device)))
-            if out is None:
-                out = np.empty((stop - start, emb.shape[1]), dtype=np.float32)
-            out[batch["index"].numpy() - start] = emb  # collate sorts by length: put rows back
-    finally:
-        model.train(was_training)
-    if out is None:
-        return np.empty((0, _embed_dim(model)), dtype=np.float32)
-    return out
-
-
-def _embed_dim(model) -> int:
-    cfg = getattr(model, "config", {}) or {}
-    return int(cfg.get("embed_size", 0))
 
 
 def block_plan(n: int, block_rows: int) -> list[tuple[int, int]]:
