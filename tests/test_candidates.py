@@ -55,8 +55,21 @@ def _raises(c, match, source="i2t", **kw):
 @pytest.mark.parametrize("path,want", [("coco_precomp", "coco"), ("f30k_precomp", "f30k"),
                                        ("artifacts/data", "data"), ("data/coco_precomp/", "coco"),
                                        ("/x/f30k", "f30k")])
-def test_dataset_name(path, want):
+def test_dataset_name(path, want, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths must not meet a real artifacts/data here
     assert dataset_name(path) == want
+
+
+def test_dataset_name_from_prepared_folder(tmp_path):
+    """A folder written by prepare-data names its content in dataset.json."""
+    syn, real = tmp_path / "data_a", tmp_path / "data_b"
+    syn.mkdir()
+    real.mkdir()
+    (syn / "dataset.json").write_text(json.dumps({"dataset": "synthetic", "config": {}}))
+    (real / "dataset.json").write_text(json.dumps({"dataset": "precomp",
+                                                   "source": "/data/coco_precomp"}))
+    assert dataset_name(syn) == "synthetic"
+    assert dataset_name(real) == "coco"
 
 
 # ----------------------------------------------------------------------------- round trip
