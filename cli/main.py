@@ -27,13 +27,15 @@ def cli(threads):
 def _register():
     from cli.candidates_report import candidates_report
     from cli.evaluate_sims import evaluate_sims
+    from cli.finetune_command import finetune, report
     from cli.import_candidates import import_candidates
     from cli.mining_commands import embed, mine_candidates
     from cli.stage_commands import evaluate, list_models, metrics_table, prepare_data, train
     from cli.validate_data import validate_data
 
-    for cmd in (prepare_data, validate_data, train, evaluate, embed, mine_candidates,
-                import_candidates, candidates_report, evaluate_sims, metrics_table, list_models):
+    for cmd in (prepare_data, validate_data, train, evaluate, embed, mine_candidates, finetune,
+                import_candidates, candidates_report, evaluate_sims, metrics_table, list_models,
+                report):
         cli.add_command(cmd)
 
 

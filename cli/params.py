@@ -39,3 +39,15 @@ def pick(explicit, section: dict, key: str, default=None):
     if explicit is not None:
         return explicit
     return section.get(key, default)
+
+
+def run_options(section: dict, model_opts: tuple[str, ...], train_opts: tuple[str, ...],
+                **explicit) -> tuple[dict, dict]:
+    """(model_options, train_options) of a training command: the params section's
+    `model_options` / `train` mappings, then --model-option / --train-option, then the
+    dedicated flags (epochs=..., lr=...; None = not given)."""
+    model_options = {**(section.get("model_options") or {}),
+                     **parse_assignments(model_opts, "--model-option")}
+    train_options = {**(section.get("train") or {}), **parse_assignments(train_opts, "--train-option")}
+    train_options.update({k: v for k, v in explicit.items() if v is not None})
+    return model_options, train_options

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.params import load_section, parse_assignments, pick
+from cli.params import load_section, pick, run_options
 from pipeline.errors import InputError
 
 PARAMS_HELP = "Read defaults from this params.yaml (its --section); explicit options win."
@@ -47,14 +47,24 @@ def prepare_data(dataset, out_dir, source, n_train, n_dev, n_test, feature_dim, 
                                                  if not isinstance(v, (dict, list))}))
 
 
+def run_folder_options(f):
+    """--data, --out, --epochs, --batch-size, --lr, --seed: shared by train and finetune."""
+    for opt in reversed([
+        click.option("--data", "data_dir", type=click.Path(), default=None, help="SCAN precomp data folder."),
+        click.option("--out", "out_dir", type=click.Path(), default=None,
+                     help="Run folder (checkpoint/, state/, logs)."),
+        click.option("--epochs", type=int, default=None),
+        click.option("--batch-size", type=int, default=None),
+        click.option("--lr", type=float, default=None),
+        click.option("--seed", type=int, default=None),
+    ]):
+        f = opt(f)
+    return f
+
+
 @click.command("train")
 @click.option("--model", default=None, help="Registered model name (see list-models).  [default: vse_inf]")
-@click.option("--data", "data_dir", type=click.Path(), default=None, help="SCAN precomp data folder.")
-@click.option("--out", "out_dir", type=click.Path(), default=None, help="Run folder (checkpoint/, state/, logs).")
-@click.option("--epochs", type=int, default=None)
-@click.option("--batch-size", type=int, default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--seed", type=int, default=None)
+@run_folder_options
 @click.option("--model-option", "model_opts", multiple=True, metavar="KEY=VALUE",
               help="Override an architecture option of configs/models/<model>.yaml (repeatable).")
 @click.option("--train-option", "train_opts", multiple=True, metavar="KEY=VALUE",
@@ -77,11 +87,8 @@ def train(model, data_dir, out_dir, epochs, batch_size, lr, seed, model_opts, tr
     out_dir = pick(out_dir, p, "out", None)
     if not out_dir:
         raise InputError(None, "--out is required (or 'out' in the params section)")
-    model_options = {**(p.get("model_options") or {}), **parse_assignments(model_opts, "--model-option")}
-    train_options = {**(p.get("train") or {}), **parse_assignments(train_opts, "--train-option")}
-    for key, val in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr), ("seed", seed)):
-        if val is not None:
-            train_options[key] = val
+    model_options, train_options = run_options(p, model_opts, train_opts, epochs=epochs,
+                                               batch_size=batch_size, lr=lr, seed=seed)
     result = train_base.run(model=model, data_dir=data_dir, out_dir=out_dir,
                             model_options=model_options, train_options=train_options,
                             device=pick(device, p, "device", "cpu"), resume=resume,
@@ -136,25 +143,19 @@ def evaluate(checkpoint, data_dir, split, protocol, out_json, groups_json, devic
 @click.option("--markdown", is_flag=True, help="Markdown instead of plain text.")
 def metrics_table(files, markdown):
     """Print a table of metrics JSON files (as written by evaluate / evaluate-sims)."""
-    from pipeline.evaluation.table import format_markdown_table, format_metrics_table
+    from pipeline.evaluation.table import (format_markdown_table, format_metrics_table,
+                                           read_metrics_json)
 
     rows = {}
     for f in files:
         path = Path(f)
-        try:
-            doc = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise InputError(path, "metrics file not found") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise InputError(path, f"unreadable metrics JSON ({e.__class__.__name__})") from None
-        if isinstance(doc, dict) and "family" in doc and "random" in doc:  # evaluate --groups-json
+        doc = read_metrics_json(path)
+        if "family" in doc and "random" in doc:  # evaluate --groups-json
             size = doc.get("group_size", "")
             rows[f"{path.stem}: within family ({size})"] = doc["family"]
             rows[f"{path.stem}: random groups ({size})"] = doc["random"]
-        elif isinstance(doc, dict) and "rsum" in doc:
-            rows[path.stem] = doc
         else:
-            raise InputError(path, "not a metrics JSON (no 'rsum')")
+            rows[path.stem] = doc
     if not rows:
         raise InputError(None, "no metrics files given")
     click.echo(format_markdown_table(rows) if markdown else format_metrics_table(rows))

@@ -128,7 +128,12 @@ def _to(batch: dict, device: torch.device) -> dict:
 class Trainer:
     def __init__(self, model, vocab, train_split, dev_split, settings: TrainSettings,
                  out_dir: str | Path, *, device: str = "cpu", progress: bool = True,
-                 objective: Objective = triplet_objective, meta: dict | None = None):
+                 objective: Objective = triplet_objective, meta: dict | None = None,
+                 dataset=None, collate_fn=collate_pairs,
+                 on_epoch_end: Callable[["Trainer"], dict] | None = None):
+        """`dataset` (default: a PairDataset of train_split) must offer set_epoch(epoch);
+        `on_epoch_end(trainer)` runs after each epoch's evaluation and returns extra
+        columns for that epoch's log row (e.g. a candidate refresh)."""
         self.model = model
         self.vocab = vocab
         self.train_split = train_split
@@ -145,13 +150,17 @@ class Trainer:
             g.setdefault("lr_scale", g["lr"] / settings.lr if settings.lr else 1.0)
         opt_cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(groups, lr=settings.lr, weight_decay=settings.weight_decay)
-        self.dataset = PairDataset(train_split, vocab, train=True, region_drop=settings.region_drop,
-                                   token_aug=settings.token_aug, seed=settings.seed)
+        self.dataset = dataset if dataset is not None else PairDataset(
+            train_split, vocab, train=True, region_drop=settings.region_drop,
+            token_aug=settings.token_aug, seed=settings.seed)
+        self.collate_fn = collate_fn
+        self.on_epoch_end = on_epoch_end
         # position and bookkeeping
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
         self.epoch_loss_sum = 0.0
+        self.epoch_log_sums: dict[str, float] = {}  # the objective's logs, summed over the epoch
         self.best_rsum = -math.inf
         self.best_epoch = -1
         self.history: list[dict] = []
@@ -177,6 +186,7 @@ class Trainer:
         trainer = {
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step, "epoch_loss_sum": self.epoch_loss_sum,
+            "epoch_log_sums": self.epoch_log_sums,
             "best_rsum": self.best_rsum if math.isfinite(self.best_rsum) else None,
             "best_epoch": self.best_epoch, "history": self.history,
             "settings": dataclasses.asdict(self.s), "model_config": self.model.config,
@@ -220,6 +230,7 @@ class Trainer:
         self.step_in_epoch = trainer["step_in_epoch"]
         self.global_step = trainer["global_step"]
         self.epoch_loss_sum = trainer["epoch_loss_sum"]
+        self.epoch_log_sums = trainer.get("epoch_log_sums", {})
         self.best_rsum = trainer["best_rsum"] if trainer["best_rsum"] is not None else -math.inf
         self.best_epoch = trainer["best_epoch"]
         self.history = trainer["history"]
@@ -233,9 +244,11 @@ class Trainer:
 
     # ----------------------------------------------------------------- logs
     def write_logs(self) -> None:
-        lines = ["\t".join(LOG_COLUMNS)]
+        extra = sorted({k for row in self.history for k in row} - set(LOG_COLUMNS))
+        columns = LOG_COLUMNS[:-1] + extra + LOG_COLUMNS[-1:]  # wall time last
+        lines = ["\t".join(columns)]
         for row in self.history:
-            lines.append("\t".join(_fmt(row.get(c)) for c in LOG_COLUMNS))
+            lines.append("\t".join(_fmt(row.get(c)) for c in columns))
         write_text(self.out / "train_log.tsv", "\n".join(lines) + "\n")
         best = next((r for r in self.history if r["epoch"] == self.best_epoch), None)
         summary = {"best_epoch": self.best_epoch,
@@ -267,7 +280,7 @@ class Trainer:
             if not batches:
                 raise InputError(None, f"batch_size {s.batch_size} exceeds the {len(self.dataset)} training captions")
             loader = DataLoader(self.dataset, batch_sampler=batches[self.step_in_epoch:],
-                                collate_fn=collate_pairs, num_workers=s.num_workers,
+                                collate_fn=self.collate_fn, num_workers=s.num_workers,
                                 generator=torch.Generator(),  # keep the global RNG untouched
                                 worker_init_fn=_worker_init if s.num_workers else None)
             self.model.train()
@@ -286,6 +299,8 @@ class Trainer:
                 self.step_in_epoch += 1
                 self.global_step += 1
                 self.epoch_loss_sum += float(loss.detach())
+                for k, v in logs.items():
+                    self.epoch_log_sums[k] = self.epoch_log_sums.get(k, 0.0) + v
                 bar.set_postfix(loss=f"{self.epoch_loss_sum / self.step_in_epoch:.3f}", lr=f"{lr:.1e}")
                 if s.save_every_steps and self.global_step % s.save_every_steps == 0 \
                         and self.step_in_epoch < len(batches):
@@ -301,7 +316,10 @@ class Trainer:
                    "max_violation": int(s.max_violation and self.epoch >= s.warmup_epochs),
                    "train_loss": self.epoch_loss_sum / max(len(batches), 1),
                    **{f"dev_{k}": v for k, v in dev.items() if k != "protocol"},
+                   **{f"train_{k}": v / max(len(batches), 1) for k, v in self.epoch_log_sums.items()},
                    "seconds": time.perf_counter() - t0}
+            if self.on_epoch_end is not None:
+                row.update(self.on_epoch_end(self))
             self.history.append(row)
             improved = dev["rsum"] > self.best_rsum
             if improved:
@@ -315,6 +333,7 @@ class Trainer:
             self.epoch += 1
             self.step_in_epoch = 0
             self.epoch_loss_sum = 0.0
+            self.epoch_log_sums = {}
             self.write_logs()
             self.save_state()
         return {"best_epoch": self.best_epoch, "best_dev_rsum": self.best_rsum,

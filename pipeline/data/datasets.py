@@ -86,22 +86,32 @@ class PairDataset(Dataset):
         j = int(j)
         if not 0 <= j < len(self):
             raise IndexError(f"caption index {j} out of range [0, {len(self)})")
+        rng = self.rng(j) if self.augments else None
         img_index = j // CAPTIONS_PER_IMAGE
-        image = self.split.image_features(img_index)
-        tokens = self.tokens(j)
-        if self.train and (self.region_drop > 0 or self.token_aug > 0):
-            rng = self.rng(j)
-            if self.region_drop > 0:
-                image = drop_regions(image, rng, self.region_drop)
-            if self.token_aug > 0:
-                tokens = augment_tokens(tokens, rng, self.token_aug, len(self.vocab),
-                                        unk=self.tokens.unk)
         return {
-            "image": torch.from_numpy(image),
-            "tokens": torch.tensor(tokens, dtype=torch.long),
+            "image": self.image(img_index, rng),
+            "tokens": self.caption(j, rng),
             "index": j,
             "img_index": img_index,
         }
+
+    @property
+    def augments(self) -> bool:
+        return self.train and (self.region_drop > 0 or self.token_aug > 0)
+
+    def image(self, i: int, rng: np.random.Generator | None = None) -> torch.Tensor:
+        """Regions of image i, with region drop when training (draws from rng)."""
+        image = self.split.image_features(int(i))
+        if rng is not None and self.train and self.region_drop > 0:
+            image = drop_regions(image, rng, self.region_drop)
+        return torch.from_numpy(image)
+
+    def caption(self, j: int, rng: np.random.Generator | None = None) -> torch.Tensor:
+        """Token ids of caption j, with token augmentation when training (draws from rng)."""
+        tokens = self.tokens(int(j))
+        if rng is not None and self.train and self.token_aug > 0:
+            tokens = augment_tokens(tokens, rng, self.token_aug, len(self.vocab), unk=self.tokens.unk)
+        return torch.tensor(tokens, dtype=torch.long)
 
 
 def drop_regions(image: np.ndarray, rng: np.random.Generator, p: float) -> np.ndarray:

@@ -1,6 +1,11 @@
 """Plain-text and markdown tables of retrieval metrics (one row per named result)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from pipeline.errors import InputError
+
 _COLUMNS = (
     ("i2t_r1", "R@1"), ("i2t_r5", "R@5"), ("i2t_r10", "R@10"),
     ("t2i_r1", "R@1"), ("t2i_r5", "R@5"), ("t2i_r10", "R@10"),
@@ -51,3 +56,18 @@ def format_markdown_table(rows: dict[str, dict]) -> str:
         vals = [str(name).replace("|", "\\|")] + [_cell(m, k) for k, _ in _COLUMNS]
         out.append("| " + " | ".join(vals) + " |")
     return "\n".join(out) + "\n"
+
+
+def read_metrics_json(path: str | Path) -> dict:
+    """A JSON written by `evaluate` (metrics with 'rsum', or --groups-json's 'family' and
+    'random'); a missing or unreadable file is an InputError naming it."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "metrics file not found") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(path, f"unreadable metrics JSON ({e.__class__.__name__})") from None
+    if not isinstance(doc, dict) or not ("rsum" in doc or ("family" in doc and "random" in doc)):
+        raise InputError(path, "not a metrics JSON (no 'rsum')")
+    return doc

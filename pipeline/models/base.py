@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.losses.triplet import hinge_triplet_loss, same_image_mask
+from pipeline.models.ghost_bn import bn_segments
 
 
 class ITMModel(nn.Module):
@@ -46,18 +47,35 @@ class ITMModel(nn.Module):
         return (img * txt).sum(dim=-1)
 
     # --- training -----------------------------------------------------------------
+    def encode_batch(self, batch: dict[str, torch.Tensor], *,
+                     segments: list[int] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """Encode the N aligned pairs of a training batch: (img (N, D), txt (N, D),
+        auxiliary loss or None, logs).
+
+        `segments` (e.g. [B, B, B]) says that the batch is several sub-batches stacked for
+        one forward pass: BatchNorm layers normalise each on its own (see ghost_bn), and
+        auxiliary losses (VSRN's caption generation) use the first segment (the anchors)
+        only. Models with auxiliary losses override this."""
+        with bn_segments(segments):
+            img = self.encode_image(batch["images"], batch["img_lengths"])
+            txt = self.encode_text(batch["tokens"], batch["lengths"])
+        return img, txt, None, {}
+
     def training_loss(self, batch: dict[str, torch.Tensor], *, max_violation: bool = True,
                       margin: float = 0.2, mask_same_image: bool = False
                       ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one batch (summed over the batch) and scalar logs. Models with auxiliary
-        losses override this and add them."""
-        img = self.encode_image(batch["images"], batch["img_lengths"])
-        txt = self.encode_text(batch["tokens"], batch["lengths"])
+        """Hinge triplet loss of one batch (summed over the batch) plus the model's
+        auxiliary losses, and scalar logs."""
+        img, txt, aux, logs = self.encode_batch(batch)
         scores = self.similarity(img, txt)
         pos_mask = same_image_mask(batch["img_index"]) if mask_same_image else None
         loss = hinge_triplet_loss(scores, margin=margin, max_violation=max_violation,
                                   positive_mask=pos_mask)
-        return loss, {"triplet": float(loss.detach())}
+        logs = {"triplet": float(loss.detach()), **logs}
+        if aux is not None:
+            loss = loss + aux
+        return loss, logs
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """Optimizer parameter groups; models with a pre-trained text encoder scale its lr."""

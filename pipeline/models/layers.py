@@ -4,7 +4,8 @@
 - `length_mask`: (B, L) validity mask from lengths.
 - `MLP`: Linear layers with BatchNorm1d + ReLU between them (VSE∞'s "basic" region MLP).
 - `apply_to_valid`: run a row-wise module on the valid rows of a padded (B, L, F) tensor
-  only, so BatchNorm statistics never see padding.
+  only, so BatchNorm statistics never see padding (active `ghost_bn` sample segments are
+  translated into row segments).
 - `sinusoidal_encoding`: the Transformer sin/cos position table.
 """
 from __future__ import annotations
@@ -13,6 +14,8 @@ import math
 
 import torch
 from torch import nn
+
+from pipeline.models.ghost_bn import SegmentBatchNorm1d, bn_segments, current_segments, row_segments
 
 
 def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
@@ -48,7 +51,7 @@ class MLP(nn.Module):
             raise ValueError(f"MLP needs at least one layer, got {num_layers}")
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.bns = nn.ModuleList(nn.BatchNorm1d(d) for d in dims[1:-1])
+        self.bns = nn.ModuleList(SegmentBatchNorm1d(d) for d in dims[1:-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = len(self.layers) - 1
@@ -65,7 +68,9 @@ def apply_to_valid(module: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> to
     b, l, f = x.shape
     flat_mask = mask.reshape(b * l)
     idx = flat_mask.nonzero(as_tuple=True)[0]
-    rows = module(x.reshape(b * l, f).index_select(0, idx))
+    segments = row_segments(mask) if current_segments() is not None else None
+    with bn_segments(segments):
+        rows = module(x.reshape(b * l, f).index_select(0, idx))
     out = rows.new_zeros(b * l, rows.size(-1)).index_copy(0, idx, rows)
     return out.view(b, l, rows.size(-1))
 

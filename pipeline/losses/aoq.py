@@ -1,0 +1,114 @@
+"""The Adaptive Offline Quintuplet loss (Chen et al., AOQ) and the paper's ablations (SPEC §4).
+
+With S the (B, B) batch score matrix (row = image of slot b, column = caption of slot b),
+S+ its diagonal, S_on_i2t / S_on_t2i the hardest online negative score of each image /
+caption anchor, and the aligned offline scores
+
+    s_it = S(i_b, t~_b)   s_ti = S(i~_b, t_b)   s_nn = S(i~_b, t~_b)   s_pp = S(i'_b, t'_b),
+
+    L = sum_b  w_c [g + S_on_i2t - S+]+ + w_i [g + S_on_t2i - S+]+
+             + [g' + s_it - S+]+ + [g' + s_ti - S+]+ + [g' + s_nn - S+]+ + [g' + s_pp - S+]+
+    w_c = beta - (s_it - S_on_i2t) / alpha,   w_i = beta - (s_ti - S_on_t2i) / alpha.
+
+Variants: `triplet` (online terms, weights 1), `offtri` (+ the two anchored offline terms),
+`offquin` (all six, weights 1), `aoq` (all six, adaptive weights). As in the reference the
+weights are neither detached nor clamped: w_c passes a gradient of -h/alpha to s_it (h the
+online hinge), pushing that offline negative up, and turns negative once
+s_it - S_on_i2t > alpha * beta. The share of negative weights is returned for logging.
+`detach_weights` (not the reference) stops that gradient: the weights then only rescale
+the online terms.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.errors import InputError
+
+LOSSES = ("triplet", "offtri", "offquin", "aoq")
+
+
+@dataclass(frozen=True)
+class AOQSettings:
+    loss: str = "aoq"
+    margin: float = 0.2            # online margin g
+    offline_margin: float = 0.0    # offline margin g'
+    alpha: float = 0.3
+    beta: float = 1.5
+    max_violation: bool = True
+    mask_same_image: bool = False          # other captions of the anchor's image are not online negatives
+    mask_accidental_positives: bool = True  # drop the (i~, t~), (i', t') terms when i~ == t~ // 5
+    detach_weights: bool = False   # ours: stop the weights' gradient (the reference keeps it)
+
+    def check(self, source="loss") -> "AOQSettings":
+        if self.loss not in LOSSES:
+            raise InputError(source, f"unknown loss {self.loss!r} (known: {', '.join(LOSSES)})")
+        if self.loss == "aoq" and not self.max_violation:
+            raise InputError(source, "the aoq loss needs max-violation (its adaptive weights are "
+                                     "defined per hardest negative); drop --no-max-violation")
+        if self.alpha <= 0:
+            raise InputError(source, f"alpha must be > 0, got {self.alpha}")
+        return self
+
+
+def online_hardest(scores: torch.Tensor, negative_mask: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hardest online negative score per image anchor (row max) and per caption anchor
+    (column max) over the entries where negative_mask is True."""
+    masked = scores.masked_fill(~negative_mask, float("-inf"))
+    rows, cols = masked.max(dim=1).values, masked.max(dim=0).values
+    # an anchor without negatives (tiny batches) has a zero online hinge: any finite value will do
+    pos = scores.diagonal()
+    return torch.where(rows.isfinite(), rows, pos), torch.where(cols.isfinite(), cols, pos)
+
+
+def aoq_loss(scores: torch.Tensor, s_it: torch.Tensor, s_ti: torch.Tensor, s_nn: torch.Tensor,
+             s_pp: torch.Tensor, settings: AOQSettings, *, positive_mask: torch.Tensor | None = None,
+             accidental: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss summed over the batch, and logs (term sums, weight statistics, the share of
+    anchors each offline term is active for).
+
+    positive_mask (B, B) marks extra non-negatives of the online terms (the diagonal always
+    is); accidental (B,) marks slots whose two quintuplet pairs are true pairs."""
+    s = settings
+    b = scores.size(0)
+    pos = scores.diagonal()
+    not_neg = torch.eye(b, dtype=torch.bool, device=scores.device)
+    if positive_mask is not None:
+        not_neg = not_neg | positive_mask
+    neg = ~not_neg
+    cost_cap = (s.margin + scores - pos.view(b, 1)).clamp(min=0).masked_fill(not_neg, 0)
+    cost_img = (s.margin + scores - pos.view(1, b)).clamp(min=0).masked_fill(not_neg, 0)
+    if s.max_violation:
+        on_i2t, on_t2i = cost_cap.max(dim=1).values, cost_img.max(dim=0).values
+    else:
+        on_i2t, on_t2i = cost_cap.sum(dim=1), cost_img.sum(dim=0)
+
+    logs: dict[str, float] = {}
+    if s.loss == "aoq":
+        hard_i2t, hard_t2i = online_hardest(scores, neg)
+        w_c = s.beta - (s_it - hard_i2t) / s.alpha
+        w_i = s.beta - (s_ti - hard_t2i) / s.alpha
+        if s.detach_weights:
+            w_c, w_i = w_c.detach(), w_i.detach()
+        on_i2t, on_t2i = w_c * on_i2t, w_i * on_t2i
+        w = torch.cat([w_c, w_i]).detach()
+        logs.update(weight_mean=float(w.mean()), weight_negative=float((w < 0).float().mean()))
+    loss_online = on_i2t.sum() + on_t2i.sum()
+    logs["online"] = float(loss_online.detach())
+    if s.loss == "triplet":
+        return loss_online, logs
+
+    terms = {"off_it": s_it, "off_ti": s_ti}
+    if s.loss in ("offquin", "aoq"):
+        terms.update(off_nn=s_nn, off_pp=s_pp)
+    loss = loss_online
+    for name, x in terms.items():
+        hinge = (s.offline_margin + x - pos).clamp(min=0)
+        if name in ("off_nn", "off_pp") and s.mask_accidental_positives and accidental is not None:
+            hinge = hinge.masked_fill(accidental.to(hinge.device), 0)
+        loss = loss + hinge.sum()
+        logs[name] = float(hinge.detach().sum())
+        logs[f"{name}_active"] = float((hinge.detach() > 0).float().mean())
+    return loss, logs

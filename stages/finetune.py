@@ -1,0 +1,97 @@
+"""DVC stage `finetune`: train a model with offline hard negatives (AOQ and its ablations).
+
+`init` is a checkpoint folder (fine-tune; the architecture and vocab come from it) or
+"scratch" (a new model of `model` with `model_options`, as AOQ itself trained). `loss`
+triplet needs no candidates; the offline losses sample their negatives from a candidate
+folder checked against the training split before the first step.
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline.data.datasets import PairDataset, collate_pairs
+from pipeline.data.offline import (OfflineNegativeDataset, collate_offline, default_offcandisize)
+from pipeline.data.precomp import find_vocab, open_split
+from pipeline.data.vocab import Vocab
+from pipeline.errors import InputError
+from pipeline.finetuning import CandidateRefresh, make_objective
+from pipeline.losses.aoq import LOSSES, AOQSettings
+from pipeline.models import create_model
+from pipeline.training import Trainer, triplet_objective
+from stages.train_base import settings_for
+
+SECTION = "finetune"
+# fine-tuning starts from a trained model: no sum-over-negatives warm-up (AOQ needs
+# max-violation from the first step)
+FINETUNE_DEFAULTS = {"warmup_epochs": 0}
+
+
+def _initial_model(model: str, init: str, img_dim: int, data_dir, model_options: dict):
+    if init == "scratch":
+        vocab = Vocab.load(find_vocab(data_dir))
+        return create_model(model, img_dim=img_dim, vocab_size=len(vocab), **model_options), vocab
+    from pipeline.checkpoint import load_checkpoint
+
+    net, vocab, cfg = load_checkpoint(init)
+    if net.name != model:
+        raise InputError(init, f"checkpoint holds a {net.name!r} model, not {model!r}")
+    if cfg["model"].get("img_dim") != img_dim:
+        raise InputError(init, f"checkpoint expects {cfg['model'].get('img_dim')}-d region "
+                               f"features, the data has {img_dim}")
+    if vocab is None:
+        vocab = Vocab.load(find_vocab(data_dir))
+    return net, vocab
+
+
+def run(*, model: str, data_dir, out_dir, loss: str = "aoq", candidates_dir=None,
+        init: str = "scratch", model_options: dict | None = None, train_options: dict | None = None,
+        aoq_options: dict | None = None, offcandisize: int | None = None, refresh_every: int = 0,
+        refresh_precision: str = "auto", passes: str = "batched", device: str = "cpu",
+        resume: bool = False, progress: bool = True, stop_after_steps: int | None = None,
+        kill_after_steps: int | None = None) -> dict:
+    if loss not in LOSSES:
+        raise InputError(None, f"unknown loss {loss!r} (known: {', '.join(LOSSES)})")
+    settings = settings_for(model, {**FINETUNE_DEFAULTS, **(train_options or {})})
+    aoq = AOQSettings(loss=loss, margin=settings.margin, max_violation=settings.max_violation,
+                      mask_same_image=settings.mask_same_image, **(aoq_options or {})).check("--loss")
+    if loss == "aoq" and settings.warmup_epochs > 0:
+        raise InputError("--loss", "the aoq loss needs max-violation from the first step; "
+                                   "set warmup_epochs=0")
+    if model_options and init != "scratch":
+        raise InputError(init, "model options apply to --init scratch only (a checkpoint "
+                               "fixes the architecture)")
+    train = open_split(data_dir, "train")
+    dev = open_split(data_dir, "dev", expected_dim=train.feature_dim)
+    torch.manual_seed(settings.seed)  # weight init of a scratch model
+    net, vocab = _initial_model(model, str(init), train.feature_dim, data_dir, model_options or {})
+    pairs = PairDataset(train, vocab, train=True, region_drop=settings.region_drop,
+                        token_aug=settings.token_aug, seed=settings.seed)
+    meta = {"data_dir": str(data_dir), "init": str(init), "loss": loss,
+            "candidates": str(candidates_dir) if candidates_dir else None}
+    kwargs: dict = {"dataset": pairs, "collate_fn": collate_pairs, "objective": triplet_objective}
+    if loss != "triplet":
+        if candidates_dir is None:
+            raise InputError(None, f"--loss {loss} samples offline negatives: give --candidates DIR")
+        from pipeline.mining.candidates import load_candidates
+
+        cands = load_candidates(candidates_dir, n_images=train.n_images)
+        k = default_offcandisize(train.n_captions) if offcandisize is None else int(offcandisize)
+        dataset = OfflineNegativeDataset(pairs, cands.i2t, cands.t2i, k, source=candidates_dir)
+        kwargs = {"dataset": dataset, "collate_fn": collate_offline,
+                  "objective": make_objective(aoq, passes)}
+        meta.update(offcandisize=k, aoq={k2: getattr(aoq, k2) for k2 in aoq.__dataclass_fields__})
+        if refresh_every:
+            refresh = CandidateRefresh(dataset, train, vocab, refresh_every, cands.k_i2t,
+                                       cands.k_t2i, out_dir, "train",
+                                       precision=refresh_precision, device=device)
+            if resume:
+                refresh.load()
+            kwargs["on_epoch_end"] = refresh
+            meta["refresh_every"] = int(refresh_every)
+    elif refresh_every:
+        raise InputError("--refresh-every", "the triplet loss uses no candidates to refresh")
+    trainer = Trainer(net, vocab, train, dev, settings, out_dir, device=device, progress=progress,
+                      meta=meta, **kwargs)
+    return trainer.run(resume=resume, stop_after_steps=stop_after_steps,
+                       kill_after_steps=kill_after_steps)
+
