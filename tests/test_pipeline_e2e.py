@@ -33,7 +33,9 @@ def test_dvc_repro_smoke(tmp_path):
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     _dvc(["init", "-q"], work)
     out = _dvc(["repro"], work)
-    for stage in ("prepare", "train_base", "evaluate_base", "embed", "mine"):
+    runs = [f"{m}-{lo}" for m in ("vse_inf", "vsrn") for lo in ("triplet", "aoq")]
+    for stage in ("prepare", "train_base", "evaluate_base", "embed", "mine", "report",
+                  *(f"finetune@{r}" for r in runs), *(f"evaluate@{r}" for r in runs)):
         assert f"Running stage '{stage}'" in out
     metrics = json.loads((work / "artifacts/metrics/base_test.json").read_text())
     assert set(metrics) == METRIC_KEYS and metrics["protocol"] == "full"
@@ -56,8 +58,15 @@ def test_dvc_repro_smoke(tmp_path):
     assert not (t2i == np.arange(5 * n_img)[:, None] // 5).any()       # own image excluded
     mine = json.loads((work / "artifacts/metrics/mine.json").read_text())
     assert (mine["k_i2t"], mine["k_t2i"], mine["n_img"]) == (k1, k2, n_img)
+    # finetune -> evaluate -> report: one row per run plus the base; AOQ logged its weights
+    report = (work / "artifacts/report/report.md").read_text()
+    assert report.count("\n| ") == 1 + 1 + len(runs)  # header, base, runs
+    assert (work / "artifacts/report/recall.png").read_bytes()[:4] == b"\x89PNG"
+    header = (work / "artifacts/finetune/vsrn-aoq/train_log.tsv").read_text().splitlines()[0]
+    assert {"train_weight_negative", "train_caption"} <= set(header.split("\t"))
     assert (work / "dvc.lock").exists()
     again = _dvc(["repro"], work)
     assert "Running stage" not in again, again
     shown = _dvc(["metrics", "show"], work)
     assert "base_test.json" in shown and "rsum" in shown
+    assert all(f"{r}.json" in shown for r in runs)
