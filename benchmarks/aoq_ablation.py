@@ -1,0 +1,185 @@
+"""AOQ ablation on the embedded data set: triplet vs OffTri vs OffQuin vs AOQ (and AOQ with
+candidate refresh, and triplet given AOQ's wall-clock time), several seeds, per model.
+
+Every run fine-tunes the same base checkpoint of its model with the same epochs and the
+recipe of params.yaml (finetune.models.<model>.train, seed replaced), and is scored on the
+test split (rsum, and rsum within the image's family: the siblings the
+mined negatives come from). Step times are measured in the same process on the same
+batches: triplet, AOQ in one batched pass, AOQ in the reference's three passes.
+
+    python benchmarks/aoq_ablation.py --models vse_inf vsrn --seeds 0 1 2 --out artifacts/bench/aoq
+
+A model whose params `init` is a checkpoint fine-tunes it; one with `init: scratch` (VSRN
+in the default params) first gets a base of its own: `--base-epochs` triplet epochs of
+the params' recipe (seed 0), which every variant then fine-tunes.
+
+Prints a markdown table (paste it into the README) and writes results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from mining import cpu_model  # noqa: E402  (benchmarks/mining.py: the same CPU label)
+
+VARIANTS = ("triplet", "offtri", "offquin", "aoq", "aoq+refresh", "triplet (AOQ wall-clock)")
+
+
+def finetune_and_score(model, base, data, candidates, loss, out, *, seed, epochs, train, refresh=0,
+                       model_options=None, init=None):
+    from stages import evaluate, finetune
+
+    t0 = time.perf_counter()
+    finetune.run(model=model, data_dir=data, out_dir=out, loss=loss, candidates_dir=candidates,
+                 init=init or base, model_options=model_options,
+                 train_options={**train, "epochs": epochs, "seed": seed},
+                 refresh_every=refresh, progress=False)
+    seconds = time.perf_counter() - t0
+    res = evaluate.run(checkpoint=Path(out) / "checkpoint", data_dir=data, split="test",
+                       protocol="full", out_json=None, groups_json=None, device="cpu",
+                       batch_size=256, progress=False)
+    return {"rsum": res["metrics"]["rsum"], "family_rsum": res["groups"]["family"]["rsum"],
+            "seconds": seconds}
+
+
+def step_times(model_name, base, data, candidates, *, steps: int, batch_size: int) -> dict:
+    """Seconds per training step (forward + backward) on the same batches."""
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.data.datasets import PairDataset, collate_pairs
+    from pipeline.data.offline import OfflineNegativeDataset, collate_offline, default_offcandisize
+    from pipeline.data.precomp import open_split
+    from pipeline.finetuning import quintuplet_loss
+    from pipeline.losses.aoq import AOQSettings
+    from pipeline.mining.candidates import load_candidates
+
+    model, vocab, _ = load_checkpoint(base)
+    model.train()
+    split = open_split(data, "train")
+    cands = load_candidates(candidates, n_images=split.n_images)
+    pairs = PairDataset(split, vocab, train=True)
+    off = OfflineNegativeDataset(pairs, cands.i2t, cands.t2i, default_offcandisize(split.n_captions))
+    g = torch.Generator().manual_seed(0)
+    idx = [torch.randperm(len(pairs), generator=g)[:batch_size].tolist() for _ in range(steps + 2)]
+    plain = [collate_pairs([pairs[j] for j in b]) for b in idx]
+    stacked = [collate_offline([off[j] for j in b]) for b in idx]
+    aoq = AOQSettings(loss="aoq")
+
+    def timed(fn, batches):
+        for b in batches[:2]:  # warm-up
+            fn(b)[0].backward()
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        for b in batches[2:]:
+            fn(b)[0].backward()
+        return (time.perf_counter() - t0) / steps
+
+    out = {}
+    for _ in range(2):  # interleave the variants twice, keep the faster of each
+        for name, fn, batches in (
+                ("triplet", lambda b: model.training_loss(b), plain),
+                ("aoq_batched", lambda b: quintuplet_loss(model, b, aoq, "batched"), stacked),
+                ("aoq_three_passes", lambda b: quintuplet_loss(model, b, aoq, "three"), stacked)):
+            t = timed(fn, batches)
+            out[name] = min(out.get(name, t), t)
+    return out
+
+
+def fmt(values):
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml", help="the finetune section gives the recipe")
+    ap.add_argument("--models", nargs="+", default=["vse_inf", "vsrn"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=None, help="[default: the params' epochs]")
+    ap.add_argument("--base-epochs", type=int, default=4,
+                    help="triplet epochs of the base of an init: scratch model")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--step-steps", type=int, default=10, help="steps per step-time measurement")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="artifacts/bench/aoq")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import yaml
+
+    ft = yaml.safe_load(Path(args.params).read_text())["finetune"]
+    data, candidates = ft.get("data", "artifacts/data"), ft.get("candidates", "artifacts/candidates")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"cpu": cpu_model(), "threads": args.threads, "seeds": args.seeds, "models": {}}
+    for model in args.models:
+        spec = ft["models"][model]
+        train = dict(spec.get("train") or {})
+        epochs = args.epochs or int(train.get("epochs", 2))
+        base = spec.get("init", "scratch")
+        r = results["models"][model] = {"epochs": epochs, "runs": {v: [] for v in args.variants}}
+        if base == "scratch":
+            base_dir = out / model / "base"
+            if not (base_dir / "checkpoint" / "config.json").is_file():
+                finetune_and_score(model, None, data, candidates, "triplet", base_dir, seed=0,
+                                   epochs=args.base_epochs, train=train, init="scratch",
+                                   model_options=spec.get("model_options"))
+            base = str(base_dir / "checkpoint")
+            r["base"] = f"{args.base_epochs} triplet epochs from scratch"
+        r["step_seconds"] = step_times(model, base, data, candidates, steps=args.step_steps,
+                                       batch_size=int(train.get("batch_size", 128)))
+        print(model, "step seconds", r["step_seconds"], flush=True)
+        for seed in args.seeds:
+            done = {}
+            for v in args.variants:
+                kw = dict(seed=seed, epochs=epochs, train=train)
+                if v == "aoq+refresh":
+                    kw["refresh"] = 1
+                if v.startswith("triplet (AOQ"):
+                    if "aoq" not in done or "triplet" not in done:
+                        continue
+                    per_epoch = done["triplet"]["seconds"] / epochs
+                    kw["epochs"] = max(epochs, round(done["aoq"]["seconds"] / per_epoch))
+                loss = v.split("+")[0].split(" ")[0]
+                res = finetune_and_score(model, base, data, candidates, loss,
+                                         out / model / f"{v.replace(' ', '_')}-s{seed}", **kw)
+                res["epochs"] = kw["epochs"]
+                done[v] = res
+                r["runs"][v].append(res)
+                print(f"{model} seed {seed} {v}: {res}", flush=True)
+                (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(table(results))
+    return 0
+
+
+def table(results: dict) -> str:
+    lines = [f"CPU: {results['cpu']}, {results['threads']} threads; fine-tuned from the base "
+             f"checkpoint of each model; seeds {results['seeds']} (mean ± std).", "",
+             "| model | loss | test rsum | within-family rsum | epochs | minutes per run |",
+             "|---|---|---:|---:|---:|---:|"]
+    for model, r in results["models"].items():
+        for v, runs in r["runs"].items():
+            if runs:
+                lines.append(f"| {model} | {v} | {fmt([x['rsum'] for x in runs])} | "
+                             f"{fmt([x['family_rsum'] for x in runs])} | {runs[0]['epochs']} | "
+                             f"{statistics.mean(x['seconds'] for x in runs) / 60:.1f} |")
+    lines += ["", "| model | triplet step | AOQ step, one batched pass | AOQ step, three passes | "
+                  "batched / three passes |", "|---|---:|---:|---:|---:|"]
+    for model, r in results["models"].items():
+        s = r["step_seconds"]
+        lines.append(f"| {model} | {s['triplet']:.3f} s | {s['aoq_batched']:.3f} s "
+                     f"({s['aoq_batched'] / s['triplet']:.2f}× triplet) | {s['aoq_three_passes']:.3f} s | "
+                     f"{s['aoq_batched'] / s['aoq_three_passes']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
