@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 pipeline: install
 	$(BIN)/dvc repro
-	$(BIN)/itm-pipeline metrics-table artifacts/metrics/base_test.json artifacts/metrics/base_test_groups.json
+	@cat artifacts/report/report.md
 
 test: install
 	$(BIN)/python -m pytest

@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--step-steps", type=int, default=10, help="steps per step-time measurement")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps-only", action="store_true", help="only the step-time measurement")
     ap.add_argument("--out", default="artifacts/bench/aoq")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -120,12 +121,15 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"cpu": cpu_model(), "threads": args.threads, "seeds": args.seeds, "models": {}}
+    saved = out / "results.json"
+    previous = json.loads(saved.read_text())["models"] if saved.is_file() else {}  # resume
     for model in args.models:
         spec = ft["models"][model]
         train = dict(spec.get("train") or {})
         epochs = args.epochs or int(train.get("epochs", 2))
         base = spec.get("init", "scratch")
         r = results["models"][model] = {"epochs": epochs, "runs": {v: [] for v in args.variants}}
+        prev = previous.get(model, {}).get("runs", {})
         if base == "scratch":
             base_dir = out / model / "base"
             if not (base_dir / "checkpoint" / "config.json").is_file():
@@ -134,9 +138,12 @@ def main(argv=None) -> int:
                                    model_options=spec.get("model_options"))
             base = str(base_dir / "checkpoint")
             r["base"] = f"{args.base_epochs} triplet epochs from scratch"
-        r["step_seconds"] = step_times(model, base, data, candidates, steps=args.step_steps,
-                                       batch_size=int(train.get("batch_size", 128)))
+        r["step_seconds"] = previous.get(model, {}).get("step_seconds") or step_times(
+            model, base, data, candidates, steps=args.step_steps,
+            batch_size=int(train.get("batch_size", 128)))
         print(model, "step seconds", r["step_seconds"], flush=True)
+        if args.steps_only:
+            continue
         for seed in args.seeds:
             done = {}
             for v in args.variants:
@@ -149,9 +156,14 @@ def main(argv=None) -> int:
                     per_epoch = done["triplet"]["seconds"] / epochs
                     kw["epochs"] = max(epochs, round(done["aoq"]["seconds"] / per_epoch))
                 loss = v.split("+")[0].split(" ")[0]
+                earlier = [x for x in prev.get(v, []) if x.get("seed") == seed]
+                if earlier:
+                    done[v] = earlier[0]
+                    r["runs"][v].append(earlier[0])
+                    continue
                 res = finetune_and_score(model, base, data, candidates, loss,
                                          out / model / f"{v.replace(' ', '_')}-s{seed}", **kw)
-                res["epochs"] = kw["epochs"]
+                res.update(epochs=kw["epochs"], seed=seed)
                 done[v] = res
                 r["runs"][v].append(res)
                 print(f"{model} seed {seed} {v}: {res}", flush=True)

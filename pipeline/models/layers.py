@@ -66,9 +66,11 @@ def apply_to_valid(module: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> to
     """Apply a row-wise `module` ((N, F) -> (N, E)) to the rows of x (B, L, F) where mask
     (B, L) is True; the other rows of the (B, L, E) result are zero."""
     b, l, f = x.shape
-    flat_mask = mask.reshape(b * l)
-    idx = flat_mask.nonzero(as_tuple=True)[0]
     segments = row_segments(mask) if current_segments() is not None else None
+    if bool(mask.all()):  # no padding (e.g. 36 regions everywhere): skip the gather/scatter
+        with bn_segments(segments):
+            return module(x.reshape(b * l, f)).view(b, l, -1)
+    idx = mask.reshape(b * l).nonzero(as_tuple=True)[0]
     with bn_segments(segments):
         rows = module(x.reshape(b * l, f).index_select(0, idx))
     out = rows.new_zeros(b * l, rows.size(-1)).index_copy(0, idx, rows)

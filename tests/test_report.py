@@ -1,0 +1,37 @@
+"""`itm-pipeline report`: the model x loss table and the recall plot."""
+import json
+
+from cli.main import main
+
+
+def _metrics(r1: float) -> dict:
+    return {"i2t_r1": r1, "i2t_r5": 98.0, "i2t_r10": 100.0, "t2i_r1": r1 - 5, "t2i_r5": 99.0,
+            "t2i_r10": 100.0, "rsum": 2 * r1 - 5 + 397.0, "protocol": "full"}
+
+
+def test_report_table_and_plot(tmp_path, capsys):
+    m = tmp_path / "metrics"
+    m.mkdir()
+    for name, r1 in (("base_test", 78.0), ("vse_inf-triplet", 84.0), ("vse_inf-aoq", 86.0)):
+        (m / f"{name}.json").write_text(json.dumps(_metrics(r1)))
+        (m / f"{name}_groups.json").write_text(json.dumps({"family": _metrics(r1 - 1), "random": _metrics(99.0)}))
+    out = tmp_path / "report"
+    rc = main(["report", "--metrics-dir", str(m), "--run", "vse_inf-triplet", "--run", "vse_inf-aoq",
+               "--out", str(out)])
+    assert rc == 0
+    lines = [ln for ln in (out / "report.md").read_text().splitlines() if ln.startswith("| ")]
+    assert len(lines) == 4  # header + base + two runs
+    assert lines[1].startswith("| base | (base) | 78.0 |")
+    aoq = lines[3].split(" | ")
+    assert aoq[0] == "| vse_inf" and aoq[1] == "aoq" and aoq[-2] == f"{2 * 86.0 - 5 + 397.0:.1f}"
+    assert aoq[-1] == f"{2 * 85.0 - 5 + 397.0:.1f} |"  # within-family rsum
+    assert (out / "recall.png").read_bytes()[:4] == b"\x89PNG"
+    assert "vse_inf" in capsys.readouterr().out
+
+
+def test_report_missing_run_is_one_line(tmp_path, capsys):
+    (tmp_path / "base_test.json").write_text(json.dumps(_metrics(78.0)))
+    rc = main(["report", "--metrics-dir", str(tmp_path), "--run", "vsrn-aoq", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "vsrn-aoq.json" in err
+    assert not (tmp_path / "r" / "report.md").exists()
