@@ -49,19 +49,29 @@ def finetune_and_score(model, base, data, candidates, loss, out, *, seed, epochs
             "seconds": seconds}
 
 
-def step_times(model_name, base, data, candidates, *, steps: int, batch_size: int) -> dict:
-    """Seconds per training step (forward + backward) on the same batches."""
+def step_times(model_name, base, data, candidates, *, steps: int, batch_size: int,
+               model_options=None) -> dict:
+    """Seconds per training step (forward + backward) on the same batches; base "scratch"
+    times a new model built with model_options."""
     from pipeline.checkpoint import load_checkpoint
     from pipeline.data.datasets import PairDataset, collate_pairs
+    from pipeline.data.precomp import find_vocab
+    from pipeline.data.vocab import Vocab
+    from pipeline.models import create_model
     from pipeline.data.offline import OfflineNegativeDataset, collate_offline, default_offcandisize
     from pipeline.data.precomp import open_split
     from pipeline.finetuning import quintuplet_loss
     from pipeline.losses.aoq import AOQSettings
     from pipeline.mining.candidates import load_candidates
 
-    model, vocab, _ = load_checkpoint(base)
-    model.train()
     split = open_split(data, "train")
+    if base == "scratch":
+        vocab = Vocab.load(find_vocab(data))
+        model = create_model(model_name, img_dim=split.feature_dim, vocab_size=len(vocab),
+                             **(model_options or {}))
+    else:
+        model, vocab, _ = load_checkpoint(base)
+    model.train()
     cands = load_candidates(candidates, n_images=split.n_images)
     pairs = PairDataset(split, vocab, train=True)
     off = OfflineNegativeDataset(pairs, cands.i2t, cands.t2i, default_offcandisize(split.n_captions))
@@ -130,7 +140,7 @@ def main(argv=None) -> int:
         base = spec.get("init", "scratch")
         r = results["models"][model] = {"epochs": epochs, "runs": {v: [] for v in args.variants}}
         prev = previous.get(model, {}).get("runs", {})
-        if base == "scratch":
+        if base == "scratch" and not args.steps_only:
             base_dir = out / model / "base"
             if not (base_dir / "checkpoint" / "config.json").is_file():
                 finetune_and_score(model, None, data, candidates, "triplet", base_dir, seed=0,
@@ -140,7 +150,7 @@ def main(argv=None) -> int:
             r["base"] = f"{args.base_epochs} triplet epochs from scratch"
         r["step_seconds"] = previous.get(model, {}).get("step_seconds") or step_times(
             model, base, data, candidates, steps=args.step_steps,
-            batch_size=int(train.get("batch_size", 128)))
+            batch_size=int(train.get("batch_size", 128)), model_options=spec.get("model_options"))
         print(model, "step seconds", r["step_seconds"], flush=True)
         if args.steps_only:
             continue
