@@ -162,9 +162,11 @@ def main(argv=None) -> int:
                     kw["refresh"] = 1
                 if v.startswith("triplet (AOQ"):
                     if "aoq" not in done or "triplet" not in done:
-                        continue
-                    per_epoch = done["triplet"]["seconds"] / epochs
-                    kw["epochs"] = max(epochs, round(done["aoq"]["seconds"] / per_epoch))
+                        continue  # defined relative to those two
+                    # from the step times of this run: wall-clock of whole runs is too noisy
+                    # on a shared machine
+                    st = r["step_seconds"]
+                    kw["epochs"] = max(epochs, round(epochs * st["aoq_batched"] / st["triplet"]))
                 loss = v.split("+")[0].split(" ")[0]
                 earlier = [x for x in prev.get(v, []) if x.get("seed") == seed]
                 if earlier:
