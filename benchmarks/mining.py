@@ -79,7 +79,7 @@ def gemm_rates(dim: int, rows: int = 4096, cols: int = 8192, reps: int = 5) -> d
 
 # ----------------------------------------------------------------------- one backend
 def run_backend(backend: str, img_path: str, cap_path: str, k_i2t: int, k_t2i: int,
-                sample: int) -> dict:
+                sample: int, precision: str = "auto") -> dict:
     """Runs in a subprocess: its peak RSS is the backend's own."""
     import torch
 
@@ -90,7 +90,7 @@ def run_backend(backend: str, img_path: str, cap_path: str, k_i2t: int, k_t2i: i
     if backend == "torch":
         from pipeline.mining.knn_torch import mine_torch
 
-        res = mine_torch(img, cap, k_i2t, k_t2i, precision="bf16")
+        res = mine_torch(img, cap, k_i2t, k_t2i, precision=precision)
     elif backend == "torch-fp32":
         from pipeline.mining.knn_torch import mine_torch
 
@@ -109,7 +109,7 @@ def run_backend(backend: str, img_path: str, cap_path: str, k_i2t: int, k_t2i: i
     np.save(Path(img_path).with_name(f"ids_{backend}_{n_img}_i2t.npy"), res.i2t)
     np.save(Path(img_path).with_name(f"ids_{backend}_{n_img}_t2i.npy"), res.t2i)
     return {"seconds": seconds, "digest": digest, "n_img": n_img, "n_cap": n_cap,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "precision": res.stats.get("precision")}
 
 
 def reference_scheme(img, cap, k_i2t, k_t2i, sample: int) -> dict:
@@ -137,10 +137,10 @@ def reference_scheme(img, cap, k_i2t, k_t2i, sample: int) -> dict:
             "n_img": n_img, "n_cap": n_cap, "threads": torch.get_num_threads()}
 
 
-def in_subprocess(backend, img_path, cap_path, k_i2t, k_t2i, sample) -> dict:
+def in_subprocess(backend, img_path, cap_path, k_i2t, k_t2i, sample, precision) -> dict:
     cmd = [sys.executable, __file__, "--worker", backend, "--img", str(img_path),
            "--cap", str(cap_path), "--k-i2t", str(k_i2t), "--k-t2i", str(k_t2i),
-           "--sample", str(sample)]
+           "--sample", str(sample), "--precision", precision]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     out = proc.stdout.read()
@@ -161,6 +161,9 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="torch,faiss,reference")
     ap.add_argument("--memory-sizes", default="", help="extra n_img values for the torch memory check")
     ap.add_argument("--sample", type=int, default=200, help="queries per direction for the reference")
+    ap.add_argument("--precision", default="auto",
+                    help="GEMM precision of the torch backend: auto (the cheapest here), "
+                         "fp32, bf16, fp16")
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
 
     if args.worker:
         print(json.dumps(run_backend(args.worker, args.img, args.cap, args.k_i2t, args.k_t2i,
-                                     args.sample)))
+                                     args.sample, args.precision)))
         return 0
 
     import torch
@@ -189,15 +192,17 @@ def main(argv=None) -> int:
     rows = []
     results = {}
     for backend in [b for b in args.backends.split(",") if b]:
-        r = in_subprocess(backend, img_path, cap_path, args.k_i2t, args.k_t2i, args.sample)
+        r = in_subprocess(backend, img_path, cap_path, args.k_i2t, args.k_t2i, args.sample,
+                          args.precision)
         results[backend] = r
         rate = flop / r["seconds"] / 1e9
         rows.append((backend, r["seconds"], rate, rate / rates["bf16"], r["peak_rss_gb"],
                      coco_flop / (rate * 1e9) / 60))
-        print(f"  {backend}: {r['seconds']:.1f} s", flush=True)
+        prec = f" ({r['precision']})" if r.get("precision") else ""
+        print(f"  {backend}{prec}: {r['seconds']:.1f} s", flush=True)
     for size in [int(x) for x in args.memory_sizes.split(",") if x]:
         ip, cp = make_embeddings(size, dim, args.seed + 1, tmp)
-        r = in_subprocess("torch", ip, cp, args.k_i2t, args.k_t2i, args.sample)
+        r = in_subprocess("torch", ip, cp, args.k_i2t, args.k_t2i, args.sample, args.precision)
         rate = 2.0 * size * 5 * size * dim / r["seconds"] / 1e9
         rows.append((f"torch @ {size} images", r["seconds"], rate, rate / rates["bf16"],
                      r["peak_rss_gb"], None))

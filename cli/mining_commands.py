@@ -93,7 +93,8 @@ def embed(checkpoint, data_dir, split, out_dir, batch_size, device, block_rows, 
               help="torch: one exact tiled pass for both directions; faiss: one search per "
                    "direction.  [default: torch]")
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32", "auto"]), default=None,
-              help="torch GEMM precision; the answer is exact in every case.  [default: bf16]")
+              help="torch GEMM precision (auto: the fastest on this machine); the answer is exact "
+                   "in every case.  [default: auto]")
 @click.option("--index", type=click.Choice(["flat", "ivf", "hnsw"]), default=None,
               help="faiss index: flat is exact, ivf / hnsw approximate.  [default: flat]")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ...  [default: cpu]")

@@ -8,6 +8,7 @@ near-ties that only the canonical float64 sum can order).
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -238,6 +239,106 @@ def test_ulp_ties_need_the_canonical_sum():
     res = mine_torch(img, cap, 37, 9, precision="bf16")
     assert res.stats["canonical_refined"] > 0
     assert_same(res, reference("ulp_ties", img, cap, 37, 9))
+
+
+def midpoints(n_i=30, d=8, seed=13):
+    """Scores 1 + m 2^-24 with m = u v (small integers, exact in float64): for odd m the
+    canonical score lies exactly halfway between two float32 values, so no float64 dot
+    product with an error bound can decide the reported score; many exact ties too."""
+    rng = np.random.default_rng(seed)
+    def rows(n):
+        x = np.zeros((n, d), dtype=np.float32)
+        x[:, 0] = 1.0
+        x[:, 1] = rng.integers(1, 8, n) * 2.0 ** -12
+        return x
+    return rows(n_i), rows(5 * n_i)
+
+
+def test_keys_at_float32_rounding_midpoints():
+    img, cap = midpoints()
+    res = mine_torch(img, cap, 37, 9, precision="fp32", row_block=8, col_block=32)
+    assert res.stats["canonical_rounding"] > 0 and res.stats["canonical_ties"] > 0
+    assert_same(res, mine_reference(img, cap, 37, 9))
+
+
+def test_pack_orders_keys_like_the_answer():
+    """uint64 keys sort by descending score, then ascending id; unpacking restores both."""
+    rng = np.random.default_rng(0)
+    values = np.float32([-np.inf, -1.5, -1e-30, 0.0, 1e-30, 0.5, 2.0, np.inf])
+    f = rng.choice(values, (7, 40))
+    ids = rng.integers(-1, 50, (7, 40)).astype(np.int32)
+    keys = knn_torch._pack(f, ids)
+    got, want = np.argsort(keys, axis=1), np.lexsort((ids.astype(np.uint32), -f), axis=1)
+    for x in (f, ids):
+        assert np.array_equal(np.take_along_axis(x, got, 1), np.take_along_axis(x, want, 1))
+    f2, ids2 = knn_torch._unpack(keys)
+    assert np.array_equal(f2, f) and np.array_equal(ids2, ids)
+
+
+@pytest.mark.parametrize("name", ["random", "duplicated", "ulp_ties"])
+def test_failed_speculation_is_mined_again(monkeypatch, name):
+    """Floors far too aggressive (z < 0): many queries fail the check and are mined again
+    with proven floors; the answer stays exact."""
+    img, cap = random_pair(60, 32, seed=14) if name == "random" else ADVERSARIAL[name]()
+    monkeypatch.setattr(knn_torch, "Z_SPEC", -2.0)
+    monkeypatch.setattr(knn_torch, "PILOT", 8)
+    res = mine_torch(img, cap, 30, 8, precision="fp32", row_block=16, col_block=40)
+    st = res.stats
+    assert st.get("rechecked_i2t", 0) > 0 and st.get("rechecked_t2i", 0) > 0
+    assert_same(res, mine_reference(img, cap, 30, 8))
+
+
+@pytest.mark.parametrize("name", ["duplicated", "quantised"])
+def test_exact_cut_when_ties_exceed_the_capacity(name):
+    """Tie groups larger than the slack: selections are cut to exactly k by (-c, id)."""
+    img, cap = ADVERSARIAL[name]()
+    res = mine_torch(img, cap, 37, 9, precision="bf16", row_block=5, col_block=17,
+                     buffer_slack=0.0)
+    assert res.stats["exact_cuts"] > 0
+    assert_same(res, reference(name, img, cap, 37, 9))
+
+
+@pytest.mark.parametrize("dense", [0.0, 1.0])
+def test_dense_and_sparse_keys_agree(monkeypatch, dense):
+    monkeypatch.setattr(knn_torch, "DENSE_SHARE", dense)
+    monkeypatch.setattr(knn_torch, "KEY_ROWS", 7)               # several key blocks
+    img, cap = random_pair(50, 48, seed=15)
+    res = mine_torch(img, cap, 40, 7, precision="fp32", row_block=24, col_block=96)
+    st = res.stats
+    assert st.get("keyed_dense", 0) == (st["keyed"] if dense == 0.0 else 0)
+    assert_same(res, reference("random", img, cap, 40, 7))
+
+
+def test_memmap_inputs_contiguous_outputs_threads_restored(tmp_path):
+    img, cap = random_pair(50, 32, seed=16)
+    np.save(tmp_path / "img.npy", img)
+    np.save(tmp_path / "cap.npy", cap)
+    img_m = np.load(tmp_path / "img.npy", mmap_mode="r")
+    cap_m = np.load(tmp_path / "cap.npy", mmap_mode="r")
+    threads = torch.get_num_threads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                         # no "not writable" warning
+        res = mine_torch(img_m, cap_m, 30, 6, precision="fp32", row_block=16, col_block=64)
+    assert torch.get_num_threads() == threads
+    assert_same(res, mine_reference(img, cap, 30, 6))
+    assert all(getattr(res, f).flags.c_contiguous for f in FIELDS)
+
+
+def test_auto_precision_weighs_the_band(monkeypatch):
+    """'auto' takes a lower precision only when its GEMM is faster by more than the extra
+    keying its band costs (fp16 1.5x, bf16 3x)."""
+    def pick(cost):
+        clock = [0.0]
+        def tile_mm(a, b):
+            clock[0] += cost[a.dtype]
+            return a.float() @ b.float().T
+        monkeypatch.setattr(knn_torch, "_tile_mm", tile_mm)
+        monkeypatch.setattr(knn_torch.time, "perf_counter", lambda: clock[0])
+        return knn_torch._pick_precision(16, torch.device("cpu"))
+    f32, f16, b16 = torch.float32, torch.float16, torch.bfloat16
+    assert pick({f32: 1.0, f16: 0.8, b16: 0.5}) == "fp32"
+    assert pick({f32: 1.0, f16: 0.5, b16: 0.5}) == "fp16"
+    assert pick({f32: 1.0, f16: 0.9, b16: 0.25}) == "bf16"
 
 
 @pytest.mark.parametrize("precision, name", [

@@ -47,10 +47,10 @@ SLURM via dask-jobqueue (``pip install dask-jobqueue``), from a login node::
 
 Local (one machine, no scheduler): ``--workers N`` starts N one-thread processes.
 
-Memory per worker for mining: the block's caption gallery in low precision
-(N_c x D x 2 bytes for bf16) plus t2i buffers N_c x 2 K_t2i x 8 bytes plus one tile; the
-t2i lists of a finished block (N_c x K_t2i x 8 bytes) travel to the worker that merges
-them. The client holds the final result only.
+Memory per worker for mining: the block's caption gallery (N_c x D x 4 bytes in fp32,
+half in bf16/fp16) plus its t2i selections (about 1.4 x N_c x K_t2i x 8 bytes while the
+pass runs) plus one tile; the t2i lists of a finished block (N_c x K_t2i x 8 bytes)
+travel to the worker that merges them. The client holds the final result only.
 """
 from __future__ import annotations
 

@@ -1,35 +1,86 @@
-"""Exact k-nearest neighbours of both directions in one tiled, low-precision pass.
+"""Exact k-nearest neighbours of both directions in one tiled pass.
 
-The loop runs over image row blocks (outer) and caption column blocks (inner). Each tile
-is one GEMM ``S_hat = A[rows] @ B[cols].T`` in ``precision`` (bf16 / fp16 inputs, or fp32)
-and feeds two running selections: per image row (i2t; state for the current row block)
-and per caption column (t2i; state for all captions, kept across row blocks). The
-positives of the tile (j // 5 == i) are set to -inf. Each query keeps a threshold tau and
-a buffer of candidates (id, low-precision score); only tile entries ``>= tau`` survive
-(one compare and one ``nonzero`` per direction and tile, no k-selection over the tile),
-are appended to the buffers, and a buffer that grows past K + slack is pruned (sorted,
-its tau raised from its K-th score). A query's first tile sets its tau from the K-th
-largest of group maxima of the tile (a cheap lower bound of the tile's K-th score). At
-the end every buffered candidate is re-scored in float64 from the float32 inputs and the
-top K is taken by (-canonical score, id) (:func:`pipeline.mining.reference.rescore_topk`).
+The answer is the one :func:`pipeline.mining.reference.mine_reference` defines: per image
+the K_i2t captions, per caption the K_t2i images, by descending canonical float64 score
+(ties by lower id), positives (caption j of image j // 5) excluded, scores reported as the
+canonical score rounded to float32.
+
+The pass
+--------
+Images are the rows and captions the columns of one score matrix, visited in tiles (row
+blocks outer, column blocks inner; rows and columns in a fixed pseudo-random order). A
+tile is one GEMM ``S_hat = A[rows] @ B[cols].T`` in ``precision`` (fp32, or bf16 / fp16
+inputs with float32 accumulation). Every row (an i2t query) and every column (a t2i query)
+keeps a *selection* -- candidate ids with their keys -- and a *floor* F. Per tile:
+
+1. filter: an entry survives if S_hat >= tau(F) of its row or of its column. One compare
+   over the tile against min(tau_row, q) (q a low quantile of the tile's column
+   thresholds; the few columns below q get their own pass), then the exact test on the
+   candidates only;
+2. key: every survivor gets its exact key f = fl32(canonical score) (below), once for both
+   directions: a sparse float64 dot product of the float32 inputs
+   (``torch.sparse.sampled_addmm``, per block of rows that stays in cache), or a dense
+   float64 GEMM when most of a tile survives;
+3. keep: a survivor joins the selection of its row / column if it passed that direction's
+   filter and f >= F.
+
+With fp32 GEMMs and good floors few entries beyond the answer survive (on random data
+about 1.1-1.35 x the answer size, fewer for larger K), so the float64 work is a few percent
+of the score matrix. On CPU the filter and the keys run as single-threaded jobs on a pool
+of torch.get_num_threads() threads: an OpenMP kernel stalls at its barriers whenever
+another process holds one of the cores.
+
+The row selections of a row block are finished (exact order, written to the output) when
+its sweep ends; the column selections live through the pass, at most K + slack candidates
+each, and are compacted in place into the t2i output at the end. Memory: the inputs (a
+read-only memmap is used in place), the outputs, N_c x slack more candidates while the pass
+runs, one row block's selections, and one tile with its mask and float64 copies of its two
+blocks.
+
+Keys
+----
+For a pair with canonical score c the key is f = fl32(c), the score the answer reports.
+Rounding is monotone, so f1 > f2 implies c1 > c2: the answer's order (-c, id) is the order
+(-f, -c, id). A float64 dot product b of the float32 inputs (exact products, any summation
+order) is within Delta of c (:func:`~pipeline.mining.reference.rescore_delta`); when
+fl32(b - Delta') == fl32(b + Delta') (Delta' adds the rounding of b -+ Delta itself) that
+value is f, otherwise c is computed (:func:`~pipeline.mining.reference.canonical_dot`).
+Candidates with equal keys are ordered by c, then id, wherever their order matters (inside
+the first k or tied with the k-th): c is computed for them.
 
 Why the result is exact, not probably exact
 -------------------------------------------
-Let c be the canonical float64 score of a pair (see ``reference``) and s_hat the
-low-precision tile score. Section "The bound" below gives ``|s_hat - c| <= eps0 + rho |s_hat|``
-for every pair, so c lies in [lo(s_hat), hi(s_hat)] with lo(x) = x - rho|x| - eps0 and
-hi(x) = x + rho|x| + eps0, both increasing in x.
+Per query, with F its floor (float32, nondecreasing, -inf at first):
 
-For one query let c_K be the K-th largest canonical score (over non-positives) and u a
-value with at least K seen entries having s_hat >= u (the K-th largest buffered score,
-or any lower bound of it). Those K entries have c >= lo(s_hat) >= lo(u), so
-c_K >= L := lo(u). Every entry of the true top K, and every entry tied with its K-th
-(c >= c_K), has hi(s_hat) >= c >= c_K >= L, i.e. s_hat >= tau := hi^-1(L) (computed in
-float64 and rounded down to float32). tau only uses entries seen so far, so it is at most
-its final value: filtering each tile with the running tau, and pruning buffers with it,
-never drops an entry with c >= c_K. With rho = 0 this is the classic rule
-"s_hat >= u_K - 2 eps". The buffers therefore hold every true top-K member and every
-tie of the K-th; exact re-scoring and sorting by (-c, id) gives the reference answer.
+(I) every entry of the query seen so far with f >= F is in the selection, except entries
+    removed by an exact cut.
+
+* The filter passes it: f >= F implies c > pred(F) (the float32 below F; rounding is
+  monotone). Section "The bound" gives |s_hat - c| <= eps0 + rho |s_hat| (tile units), so
+  hi(s_hat) = s_hat + rho |s_hat| + eps0 >= c > pred(F) and s_hat > hi^-1(pred(F)) >= tau(F)
+  (hi is increasing; tau is evaluated in float64 and rounded down to float32).
+* Survivors with f < F are not kept, and selections are only ever pruned to f >= F. Raising
+  F keeps (I): entries dropped earlier had f < old F <= new F.
+* An exact cut (a selection over capacity whose floor cannot shrink it) keeps the first k
+  by (-c, id). Every entry cut away has k better entries of the same query: it is not in
+  the answer.
+
+The check. At the end let f_k be the k-th largest key in the selection. If the selection
+holds >= k candidates and F <= f_k, every entry dropped by a floor has f < F <= f_k <= f*_k,
+the k-th largest key over all the query's entries (the selection is a subset of them),
+hence c < c*_k: it is not in the answer. So the selection contains the answer, and its
+first k by (-c, id) are the answer.
+
+Setting F. Any F gives the exact answer or fails the check; the choice is only about speed.
+A *proven* floor is the k-th largest key of k real entries (of the selection, or the k-th
+largest S_hat of a tile lowered by the bound), so the check holds. A *speculative* floor
+estimates f*_k from below: after a query has seen a share p of its gallery (a pseudo-random
+sample, by the processing order), the r-th largest key kept, r = kp + z sqrt(kp(1 - p)) + 1
+(z = Z_SPEC standard deviations above the expected number of true top-k entries seen;
+raised after every tile); in its first tile, before any key exists, the same rank among the
+first PILOT columns (rows) of S_hat, lowered by the bound. A query whose check fails (on
+random-order data a few times Phi(-z): ~0.1-0.4%) is mined again by a pass with proven
+floors only, starting from the failed selection's k-th key; that pass cannot fail.
 
 The bound
 ---------
@@ -57,7 +108,9 @@ Inputs a, b (float32 rows), their low-precision roundings a^, b^; d = D.
 4. Canonical versus real value: |c - a.b| <= gamma_d(2^-53) ||a|| ||b||.
    eps0 = 1 + 2 + 4 + eta terms, inflated by 2^-20 relative.
 For unit vectors and d = 1024 the a-priori total (:func:`lowp_error_bound`) is about
-1.18e-2 (bf16, bf16 output), 1.53e-3 (fp16, fp16 output), 6.1e-5 (fp32).
+1.18e-2 (bf16, bf16 output), 1.53e-3 (fp16, fp16 output), 6.1e-5 (fp32). The band decides
+how many entries get a key: fp32 (~1e-4 wide) lets few more than the answer through, bf16
+(~2e-2) many more, which is why ``precision="auto"`` weighs it against the GEMM rates.
 
 Precondition for the accumulation term: the GEMM must accumulate in float32. CPU torch
 does (oneDNN / MKL); on CUDA the "reduced precision reduction" flags and TF32 are switched
@@ -68,14 +121,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from pipeline.errors import InputError
-from pipeline.mining.reference import (FLOAT32_LOWEST, U64, KnnResult, gamma, max_row_norm,
-                                       rescore_delta, rescore_topk, validate_inputs)
+from pipeline.mining.reference import (FLOAT32_LOWEST, U64, KnnResult, canonical_dot, gamma,
+                                       rescore_delta, validate_inputs)
 
 U32 = 2.0 ** -24
 _FORMATS = {
@@ -153,6 +209,15 @@ def _exact_matmul_flags():
                 pass
 
 
+def _max_norm(x: torch.Tensor) -> float:
+    """An upper bound on max_i ||x_i|| (as ``reference.max_row_norm``, without float64
+    copies of x: the norm kernel converts on the fly)."""
+    if not x.shape[0]:
+        return 0.0
+    n = float(torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).max())
+    return n * (1.0 + 4 * x.shape[1] * U64) + 1e-300
+
+
 def _pow2_scale(norm: float) -> float:
     """1, or the power of two that brings a max row norm outside [1/16, 16] into [0.5, 1)."""
     if norm == 0 or 2.0 ** -4 <= norm <= 2.0 ** 4:
@@ -160,11 +225,11 @@ def _pow2_scale(norm: float) -> float:
     return 2.0 ** -math.frexp(norm)[1]
 
 
-def _lowp(x: torch.Tensor, dtype, scale: float, chunk: int = 1 << 16):
-    """x * scale rounded to dtype, plus (max ||x*scale||, max ||x^||, max ||x*scale - x^||)."""
+def _lowp(x: torch.Tensor, dtype, scale: float, norm: float, chunk: int = 4096):
+    """x * scale rounded to dtype, plus (max ||x*scale||, max ||x^||, max ||x*scale - x^||);
+    norm: _max_norm(x)."""
     if dtype == torch.float32 and scale == 1.0:
-        n = max_row_norm(x)
-        return x, n, n, 0.0
+        return x, norm, norm, 0.0
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     n_x = n_h = n_e = 0.0
     for s in range(0, x.shape[0], chunk):
@@ -204,211 +269,666 @@ def _tile_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return s if s.dtype == torch.float32 else s.float()
 
 
+_PENALTY = {"fp32": 1.0, "fp16": 1.5, "bf16": 3.0}   # see _pick_precision
+
+
 def _pick_precision(d: int, device: torch.device) -> str:
-    """'auto': the fastest GEMM of the three on a probe (ties go to the higher precision)."""
+    """'auto': the precision with the cheapest pass on this machine. A lower precision must
+    beat fp32's GEMM by more than the extra keying its wider band costs (module doc, "The
+    bound"): fp16 by 1.5x, bf16 by 3x (probe: best of 3 interleaved rounds)."""
     if device.type == "cuda":
         return "fp16"
     gen = torch.Generator(device=device).manual_seed(0)      # leave the global RNG alone
     a = torch.randn(512, d, device=device, generator=gen)
     b = torch.randn(2048, d, device=device, generator=gen)
-    best, best_t = "fp32", math.inf
-    for name in ("fp32", "fp16", "bf16"):
-        dt = _FORMATS[name][0]
-        x, y = a.to(dt), b.to(dt)
-        _tile_mm(x, y)
-        t = time.perf_counter()
-        for _ in range(2):
+    pairs = {name: (a.to(_FORMATS[name][0]), b.to(_FORMATS[name][0])) for name in _PENALTY}
+    best = dict.fromkeys(_PENALTY, math.inf)
+    for _ in range(3):
+        for name, (x, y) in pairs.items():
             _tile_mm(x, y)
-        t = time.perf_counter() - t
-        if t < best_t * 0.9:
-            best, best_t = name, t
-    return best
+            t = time.perf_counter()
+            _tile_mm(x, y)
+            best[name] = min(best[name], time.perf_counter() - t)
+    return min(_PENALTY, key=lambda name: best[name] * _PENALTY[name])
 
 
-def _kth_lower_bound(s: torch.Tensor, k: int, dim: int) -> torch.Tensor:
-    """Per row (dim=1) or column (dim=0) of s: a value <= its k-th largest entry.
+# --------------------------------------------------------------------------- tuning
+# (speed only: the answer is exact whatever these are)
+Z_SPEC = 3.0        # speculative floors: margin in standard deviations of the sample count
+PILOT = 2048        # first-tile estimate: from this many columns (rows) of S_hat
+DENSE_SHARE = 0.08  # above this share of survivors a tile is keyed by a dense float64 GEMM
+KEY_ROWS = 512      # sparse keys: rows per block (their float64 rows stay in cache)
 
-    The k-th largest of the maxima of disjoint groups: k groups have a maximum >= it, so
-    k distinct entries are >= it. Groups of n // (2k) entries keep it close to the true
-    k-th while the selection runs on >= 2k group maxima instead of n entries.
+
+# --------------------------------------------------------------------------- keys
+_LO, _HI = (0, 1) if sys.byteorder == "little" else (1, 0)   # uint32 halves of a uint64
+
+
+def _desc32(bits: np.ndarray) -> np.ndarray:
+    """float32 bits (as int32) -> uint32 codes in descending float order, and back (the
+    map is its own inverse)."""
+    return (bits ^ (~(bits >> 31) & np.int32(0x7FFFFFFF))).view(np.uint32)
+
+
+def _pack(f: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """uint64 sort keys: ascending key = descending f, then ascending id. Unused slots
+    (f = -inf) sort after every candidate."""
+    keys = np.empty(f.shape, dtype=np.uint64)
+    half = keys.view(np.uint32).reshape(*f.shape, 2)
+    half[..., _LO] = ids.astype(np.int32, copy=False).view(np.uint32)
+    half[..., _HI] = _desc32(np.ascontiguousarray(f, dtype=np.float32).view(np.int32))
+    return keys
+
+
+def _unpack(keys: np.ndarray):
+    half = keys.view(np.uint32).reshape(*keys.shape, 2)
+    f = _desc32(np.ascontiguousarray(half[..., _HI]).view(np.int32)).view(np.float32)
+    return f, np.ascontiguousarray(half[..., _LO]).view(np.int32)
+
+
+def _rank(k: int, p: float, speculate: bool) -> int:
+    """Rank whose key among the entries seen (share p of the gallery) serves as the floor:
+    k when proven, else the upper end of the expected number of true top-k entries seen."""
+    if not speculate or p >= 1:
+        return k
+    lam = k * p
+    return min(k, math.ceil(lam + Z_SPEC * math.sqrt(lam * (1 - p)) + 1))
+
+
+class _Selection:
+    """Candidates kept for n queries of one direction (module doc, "Why the result is exact").
+
+    ids / f: (n, cap) candidate ids and keys, slots past cnt hold f = -inf (their ids are
+    undefined); floor: F per query; k: answer size per query. q_np / g_np: the float32
+    query / gallery rows (canonical scores of equal keys), qids: each query's row in q_np.
     """
-    n = s.shape[dim]
-    gs = max(1, n // (2 * k))
-    g = n // gs
-    if dim == 1:
-        x = s[:, :g * gs]
-        x = x if gs == 1 else x.reshape(s.shape[0], g, gs).amax(dim=2)
-    else:
-        x = s[:g * gs]
-        x = x.T if gs == 1 else x.reshape(g, gs, s.shape[1]).amax(dim=1).T
-        x = x.contiguous()
-    return x.topk(k, dim=1, sorted=False).values.amin(dim=1)
 
+    def __init__(self, qids, k, cap, q_np, g_np, stats, memory=None):
+        n = len(qids)
+        self.qids, self.k, self.cap = qids, k, cap
+        self.kmax = int(k.max()) if n else 0
+        self.q_np, self.g_np, self.stats = q_np, g_np, stats
+        if memory is None:                      # else (ids, f) arrays of >= n rows to reuse
+            memory = (np.empty((n, cap), dtype=np.int32), np.empty((n, cap), dtype=np.float32))
+        self.ids, self.f = memory[0][:n], memory[1][:n]
+        self.f.fill(-np.inf)                   # unused slots; their ids are never read
+        self.cnt = np.zeros(n, dtype=np.int64)
+        self.floor = np.full(n, -np.inf, dtype=np.float32)
 
-class _Buffers:
-    """Running candidate selection for n queries: threshold tau, buffer of (id, score)."""
-
-    def __init__(self, n: int, k: int, slack: int, device, tau_fn, stats: dict, tag: str):
-        self.n, self.k, self.slack = n, k, slack
-        self.cap = k + slack
-        self.vals = torch.full((n, self.cap), -math.inf, device=device)
-        self.ids = torch.full((n, self.cap), -1, dtype=torch.int32, device=device)
-        self.cnt = torch.zeros(n, dtype=torch.int64, device=device)
-        self.tau = torch.full((n,), FLOAT32_LOWEST, device=device)
-        self.fresh = torch.ones(n, dtype=torch.bool, device=device)
-        self.tau_fn = tau_fn
-        self.stats = stats
-        self.tag = tag
-
-    def buffered(self) -> int:
-        return int(self.cnt.sum())
-
-    def update(self, s: torch.Tensor, q_off: int, cand_off: int, dim: int):
-        """Feed a tile. dim=1: queries are the rows of s; dim=0: its columns."""
-        nq = s.shape[0] if dim == 1 else s.shape[1]
-        sl = slice(q_off, q_off + nq)
-        fresh = self.fresh[sl]
-        if s.shape[dim] >= self.k and bool(fresh.any()):
-            kth = _kth_lower_bound(s, self.k, dim)
-            ok = fresh & (kth > -math.inf)
-            self.tau[sl] = torch.where(ok, torch.maximum(self.tau[sl], self.tau_fn(kth)),
-                                       self.tau[sl])
-            self.fresh[sl] = fresh & ~ok
-        tau = self.tau[sl]
-        if dim == 1:
-            q, j = (s >= tau[:, None]).nonzero(as_tuple=True)
-            v = s[q, j]
-        else:
-            r, q = (s >= tau[None, :]).nonzero(as_tuple=True)
-            v = s[r, q]
-            q, order = q.sort(stable=True)
-            j, v = r[order], v[order]
-        self._append(q, j + cand_off, v, q_off, nq)
-
-    def _append(self, q, cand, v, q_off, nq):
-        m = q.numel()
-        if m == 0:
+    def add(self, q, cand, f):
+        """Append candidates; q: query rows, equal ones adjacent (a group per query)."""
+        m = q.size
+        if not m:
             return
-        st = self.stats
-        st[f"survivors_{self.tag}"] = st.get(f"survivors_{self.tag}", 0) + m
-        new = torch.bincount(q, minlength=nq)
-        rank = torch.arange(m, device=q.device) - (torch.cumsum(new, 0) - new)[q]
-        cnt = self.cnt[q_off:q_off + nq]
-        over = (cnt + new) > self.cap
-        if bool(over.any()):
-            qi = over.nonzero().squeeze(1)
-            qmap = torch.full((nq,), -1, dtype=torch.int64, device=q.device)
-            qmap[qi] = torch.arange(qi.numel(), device=q.device)
-            sel = over[q]
-            width = self.cap + int(new[qi].max())
-            tv = torch.full((qi.numel(), width), -math.inf, device=q.device)
-            ti = torch.full((qi.numel(), width), -1, dtype=torch.int32, device=q.device)
-            qg = qi + q_off
-            tv[:, :self.cap] = self.vals[qg]
-            ti[:, :self.cap] = self.ids[qg]
-            rows, pos = qmap[q[sel]], self.cap + rank[sel]
-            tv[rows, pos] = v[sel]
-            ti[rows, pos] = cand[sel].to(torch.int32)
-            self._compact(qg, tv, ti)
-            keep = ~sel
-            q, cand, v, rank = q[keep], cand[keep], v[keep], rank[keep]
-        if q.numel():
-            qg = q + q_off
-            pos = self.cnt[qg] + rank
-            self.vals[qg, pos] = v
-            self.ids[qg, pos] = cand.to(torch.int32)
-            self.cnt[q_off:q_off + nq] += torch.where(over, 0, new)
+        starts = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
+        lens = np.diff(np.r_[starts, m])
+        uq = q[starts]
+        rank = np.arange(m) - np.repeat(starts, lens)
+        over = self.cnt[uq] + lens > self.cap
+        if over.any():
+            sel = np.repeat(over, lens)
+            self._overflow(uq[over], lens[over], cand[sel], f[sel])
+            q, cand, f, rank = q[~sel], cand[~sel], f[~sel], rank[~sel]
+            uq, lens = uq[~over], lens[~over]
+        pos = self.cnt[q] + rank
+        self.ids[q, pos] = cand
+        self.f[q, pos] = f
+        self.cnt[uq] += lens
 
-    def _compact(self, qg, tv, ti):
-        """Rows qg, given as full candidate lists tv/ti: raise tau from their K-th score,
-        drop the entries below it, store the rest (in arrival order) in the buffer."""
-        self.stats["prunes"] = self.stats.get("prunes", 0) + 1
-        w_in = tv.shape[1]
-        if w_in >= self.k:
-            kth = tv.kthvalue(w_in - self.k + 1, dim=1).values      # K-th largest
-            tau = torch.maximum(self.tau[qg], self.tau_fn(kth))
-            self.tau[qg] = tau
-            self.fresh[qg] = self.fresh[qg] & ~(kth > -math.inf)
+    def _overflow(self, rows, lens, cand, f):
+        """Rows whose new candidates do not fit: shrink selection + new candidates."""
+        w = self.cap + int(lens.max())
+        ids = np.full((rows.size, w), -1, dtype=np.int32)
+        fs = np.full((rows.size, w), -np.inf, dtype=np.float32)
+        ids[:, :self.cap] = self.ids[rows]
+        fs[:, :self.cap] = self.f[rows]
+        r = np.repeat(np.arange(rows.size), lens)
+        pos = np.repeat(self.cnt[rows] - np.r_[0, np.cumsum(lens)[:-1]], lens) + np.arange(r.size)
+        ids[r, pos] = cand
+        fs[r, pos] = f
+        self._shrink(rows, ids, fs)
+
+    def _shrink(self, rows, ids, fs):
+        """Rows given as full candidate lists: proven floor (their k-th largest key), pruned
+        to it -- or cut to exactly the first k where ties keep more than the capacity."""
+        self.stats["prunes"] = self.stats.get("prunes", 0) + rows.size
+        k = self.k[rows]
+        r = int(k.max())
+        ids, fs = self._order(rows, ids, fs)              # exact order: keeps are a prefix
+        valid = fs > -np.inf
+        floor = self.floor[rows]
+        ok = (valid.sum(axis=1) >= r) & (r > 0)
+        floor[ok] = np.maximum(floor[ok], fs[ok, r - 1])
+        self.floor[rows] = floor
+        n_keep = (valid & (fs >= floor[:, None])).sum(axis=1)
+        cut = n_keep > self.cap
+        self.stats["exact_cuts"] = self.stats.get("exact_cuts", 0) + int(cut.sum())
+        n_keep = np.where(cut, k, n_keep)
+        w = min(self.cap, fs.shape[1])
+        unused = np.arange(w)[None, :] >= n_keep[:, None]
+        fs = fs[:, :w]
+        fs[unused] = -np.inf
+        self.ids[rows, :w], self.f[rows, :w], self.cnt[rows] = ids[:, :w], fs, n_keep
+        self.f[rows, w:] = -np.inf
+
+    def refine(self, rows, p: float, speculate: bool):
+        """Raise the floors of `rows` (an index array or slice) after a share p of the
+        gallery was seen: the r-th largest key kept (module doc, "Setting F")."""
+        r = _rank(self.kmax, p, speculate)
+        if r < 1:
+            return
+        rows = np.arange(self.cnt.size)[rows]
+        rows = rows[self.cnt[rows] >= r]
+        if not rows.size:
+            return
+        w = int(self.cnt[rows].max())
+        f = self.f[rows, :w]                              # a copy: partitioned in place
+        f.partition(w - r, axis=1)
+        self.floor[rows] = np.maximum(self.floor[rows], f[:, w - r])
+        self.stats["refinements"] = self.stats.get("refinements", 0) + 1
+
+    def _order(self, rows, ids, fs):
+        """Candidates of `rows` sorted by (-c, id): by key, then equal-key runs that reach
+        the first k ordered by their canonical scores."""
+        f_s, id_s = _unpack(np.sort(_pack(fs, ids), axis=1))
+        same = (f_s[:, 1:] == f_s[:, :-1]) & (f_s[:, 1:] > -np.inf)
+        if same.any():
+            run = np.zeros(f_s.shape, dtype=bool)
+            run[:, 1:] |= same
+            run[:, :-1] |= same
+            r, p = np.nonzero(run)
+            start = np.ones(r.size, dtype=bool)
+            start[p > 0] = ~same[r[p > 0], p[p > 0] - 1]
+            run_id = np.cumsum(start) - 1
+            first = p[start][run_id]
+            reach = first < self.k[rows][r]                  # the run starts inside the top k
+            r, p, run_id = r[reach], p[reach], run_id[reach]
+            if r.size:
+                cand = id_s[r, p]
+                c = canonical_dot(self.q_np[self.qids[rows[r]]], self.g_np[cand])
+                _count_canonical(self.stats, "canonical_ties", r.size)
+                id_s[r, p] = cand[np.lexsort((cand, -c, run_id))]
+        return id_s, f_s
+
+    def finish(self, rows):
+        """The answer of `rows` (slice): ids / keys (n, kmax) in exact order, padding past a
+        query's own k; and per query NaN if it passed the check (module doc), else a proven
+        floor to mine it again with (-inf if none)."""
+        cnt = self.cnt[rows]
+        n = cnt.size
+        w = max(int(cnt.max()) if n else 0, self.kmax, 1)
+        idx = np.arange(self.cnt.size)[rows]
+        ids, fs = self._order(idx, self.ids[rows, :w], self.f[rows, :w])
+        ids, fs = ids[:, :self.kmax], fs[:, :self.kmax]
+        k = self.k[rows]
+        pad = (np.arange(self.kmax)[None, :] >= k[:, None]) | (fs == -np.inf)
+        ids[pad] = -1
+        fs[pad] = -np.inf
+        has = k > 0
+        fk = np.full(n, np.inf, dtype=np.float32)
+        fk[has] = fs[np.flatnonzero(has), k[has] - 1]
+        failed = (cnt < k) | (self.floor[rows] > fk)
+        # a failed query's k-th key is still a proven floor (k real entries reach it)
+        proven = np.where(cnt >= k, fk, np.float32(-np.inf))
+        return ids, fs, np.where(failed, proven, np.float32(np.nan))
+
+    def release(self, chunk: int = 4096):
+        """Finish every query, compacted in place into (n, kmax) arrays that reuse the
+        selection's memory; returns ids, keys and the check result as :meth:`finish`."""
+        n, kmax = self.cnt.size, self.kmax
+        flat_ids, flat_f = self.ids.reshape(-1), self.f.reshape(-1)
+        failed = np.empty(n, dtype=np.float32)
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            ids, fs, failed[s:e] = self.finish(slice(s, e))
+            # destination ends at e * kmax <= e * cap: rows >= e are still intact
+            flat_ids[s * kmax:e * kmax] = ids.reshape(-1)
+            flat_f[s * kmax:e * kmax] = fs.reshape(-1)
+        self.ids = self.f = None
+        return _shrunk(flat_ids, n, kmax), _shrunk(flat_f, n, kmax), failed
+
+
+def _count_canonical(stats: dict, why: str, n: int):
+    stats[why] = stats.get(why, 0) + n
+    stats["canonical_refined"] = stats.get("canonical_refined", 0) + n
+
+
+def _shrunk(flat: np.ndarray, n: int, k: int) -> np.ndarray:
+    """The first n * k elements of `flat` as an (n, k) array, the rest of its memory given
+    back (in place when the buffer is its own; a copy otherwise)."""
+    base = flat.base if flat.base is not None else flat
+    try:
+        base.resize(n * k, refcheck=False)
+        return base.reshape(n, k)
+    except (ValueError, AttributeError):  # pragma: no cover - buffer not owned
+        return flat[:n * k].reshape(n, k).copy()
+
+
+# --------------------------------------------------------------------------- the pass
+class _Pass:
+    """What the sweeps of one call share: the inputs (float32, their GEMM-precision copies),
+    the bound (eps0, rho, scale; delta for the keys), tile buffers and the worker pool."""
+
+    def __init__(self, img32, cap32, precision, dev, row_block, col_block, slack, stats,
+                 cap_cache=None):
+        self.img_np, self.cap_np = img32, cap32
+        self.dev, self.stats, self.slack = dev, stats, float(slack)
+        self.row_block, self.col_block = int(row_block), int(col_block)
+        d = img32.shape[1]
+        dtype = _FORMATS[precision][0]
+        with warnings.catch_warnings():      # read-only memmaps: shared, never written
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            self.a32 = torch.from_numpy(img32).to(dev)
+            self.b32 = torch.from_numpy(cap32).to(dev)
+        # fp16 has a small range: a side whose max row norm is outside [1/16, 16] is scaled
+        # by a power of two (max norm into [0.5, 1)); the tile scores then all scale by one
+        # positive constant, the ordering is unchanged, and the bound is computed in the
+        # scaled units (keys come from the unscaled float32 inputs).
+        if cap_cache is not None:
+            key = ("cap_norm", str(dev))
+            if key not in cap_cache:
+                cap_cache[key] = _max_norm(self.b32)
+            norm_cap = cap_cache[key]
         else:
-            tau = self.tau[qg]
-        keep = (tv >= tau[:, None]) & (tv > -math.inf)
-        kc = keep.sum(dim=1)
-        need = int(kc.max()) if kc.numel() else 0
-        if need > self.cap:
-            self._grow(need + self.slack)
-        rows, cols = keep.nonzero(as_tuple=True)
-        pos = (keep.cumsum(dim=1) - 1)[rows, cols]
-        vals = torch.full((qg.numel(), self.cap), -math.inf, device=tv.device)
-        ids = torch.full((qg.numel(), self.cap), -1, dtype=torch.int32, device=tv.device)
-        vals[rows, pos] = tv[rows, cols]
-        ids[rows, pos] = ti[rows, cols]
-        self.vals[qg] = vals
-        self.ids[qg] = ids
-        self.cnt[qg] = kc
+            norm_cap = _max_norm(self.b32)
+        norm_img = _max_norm(self.a32)
+        sa = sb = 1.0
+        if precision == "fp16":
+            sa, sb = _pow2_scale(norm_img), _pow2_scale(norm_cap)
+        self.a_lp, na, na_h, ea = _lowp(self.a32, dtype, sa, norm_img)
+        if cap_cache is not None:
+            key = ("lowp", precision, sb, str(dev))
+            if key not in cap_cache:
+                for k in [k for k in cap_cache if k[0] == "lowp"]:
+                    del cap_cache[k]                      # one low-precision copy at a time
+                cap_cache[key] = _lowp(self.b32, dtype, sb, norm_cap)
+            self.b_lp, nb, nb_h, eb = cap_cache[key]
+        else:
+            self.b_lp, nb, nb_h, eb = _lowp(self.b32, dtype, sb, norm_cap)
+        self.eps0, self.rho = _data_bound(d, precision, na, na_h, ea, nb, nb_h, eb)
+        self.scale = sa * sb
+        self.delta = rescore_delta(d, norm_img, norm_cap)
+        stats.update(eps0=self.eps0, rho=self.rho, eps_apriori_unit=lowp_error_bound(d, precision),
+                     score_scale=self.scale, rescore_delta=self.delta)
+        stats["probe_max_excess"] = _probe(self.a_lp, self.b_lp, img32, cap32, self.scale,
+                                           self.eps0, self.rho)
+        # buffers reused by every tile (fresh large tensors would cost page faults each time)
+        n_rows, n_cols = min(self.row_block, img32.shape[0]), min(self.col_block, cap32.shape[0])
+        self.s_buf = torch.empty(n_rows * n_cols, device=dev)
+        self.m_buf = torch.empty(n_rows * n_cols, dtype=torch.bool, device=dev)
+        self.rows_buf = (torch.empty((n_rows, d), dtype=dtype, device=dev),
+                         torch.empty((n_rows, d), dtype=torch.float64, device=dev))
+        self.cols_buf = (torch.empty((n_cols, d), dtype=dtype, device=dev),
+                         torch.empty((n_cols, d), dtype=torch.float64, device=dev))
+        self.img_pos = np.full(img32.shape[0], -1, dtype=np.int64)
+        # CPU work besides the GEMM runs as single-threaded jobs on a pool (keys, filter): a
+        # multi-threaded kernel stalls at its barriers whenever another process holds a core
+        self.pool, self.workers = None, max(1, torch.get_num_threads())
+        if dev.type == "cpu":
+            self.pool = ThreadPoolExecutor(self.workers, initializer=torch.set_num_threads,
+                                           initargs=(1,))
 
-    def _grow(self, cap: int):
-        self.stats["buffer_growths"] = self.stats.get("buffer_growths", 0) + 1
-        extra = cap - self.cap
-        self.vals = torch.cat([self.vals, torch.full((self.n, extra), -math.inf,
-                                                     device=self.vals.device)], dim=1)
-        self.ids = torch.cat([self.ids, torch.full((self.n, extra), -1, dtype=torch.int32,
-                                                   device=self.ids.device)], dim=1)
-        self.cap = cap
+    # -- the bound, in key units (floors) and tile units (s_hat)
+    def tau(self, floor: np.ndarray) -> np.ndarray:
+        """float32 s_hat threshold passing every entry whose key is >= floor."""
+        with np.errstate(invalid="ignore", over="ignore"):
+            low = np.nextafter(floor, np.float32(-np.inf)).astype(np.float64) * self.scale
+            y = low - self.eps0
+            t = np.where(y >= 0, y / (1 + self.rho), y / (1 - self.rho))
+            t -= 2.0 ** -50 * (np.abs(low) + self.eps0)    # the float64 evaluation above
+            t32 = t.astype(np.float32)
+            t32 = np.where(t32.astype(np.float64) > t, np.nextafter(t32, np.float32(-np.inf)), t32)
+        t32 = np.maximum(t32, np.float32(FLOAT32_LOWEST))  # -inf (positives) never passes
+        return np.where(floor > -np.inf, t32, np.float32(FLOAT32_LOWEST))
 
-    def final_candidates(self) -> torch.Tensor:
-        """Prune every query with its final threshold; (n, W) int64 ids, -1 = padding."""
-        if self.n == 0:
-            return torch.empty((0, 0), dtype=torch.int64)
-        self._compact(torch.arange(self.n, device=self.vals.device), self.vals, self.ids)
-        self.stats["prunes"] -= 1
-        w = max(int(self.cnt.max()), self.k)
-        return self.ids[:, :w].to(torch.int64)
+    def floor_from_tile(self, s: np.ndarray) -> np.ndarray:
+        """A (speculative) floor from tile scores: their lower bound on c, as a key."""
+        x = s.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            low = (x - self.rho * np.abs(x) - self.eps0) / self.scale
+            f = low.astype(np.float32)
+            f = np.where(f.astype(np.float64) > low, np.nextafter(f, np.float32(-np.inf)), f)
+        return np.where(np.isfinite(x), f, np.float32(-np.inf))
+
+    # -- keys
+    def keys(self, a64, b64, ri, ci, img_ids, cap_ids) -> np.ndarray:
+        """Exact keys fl32(c) of the tile entries (ri, ci) (module doc, "Keys"); the tile's
+        rows / columns are images img_ids / captions cap_ids."""
+        st = self.stats
+        n, n_r, n_c = ri.size, a64.shape[0], b64.shape[0]
+        st["keyed"] = st.get("keyed", 0) + n
+        if not n:
+            return np.empty(0, dtype=np.float32)
+        if n > DENSE_SHARE * n_r * n_c:
+            st["keyed_dense"] = st.get("keyed_dense", 0) + n
+            ri_t = torch.from_numpy(ri).to(self.dev)
+            ci_t = torch.from_numpy(ci).to(self.dev)
+            b = torch.empty(n, dtype=torch.float64, device=self.dev)
+            step = max(1, (32 << 20) // (8 * n_c))
+            bounds = np.searchsorted(ri, np.arange(0, n_r + step, step))
+            for s, (lo, hi) in zip(range(0, n_r, step), zip(bounds[:-1], bounds[1:])):
+                if hi > lo:
+                    blk = a64[s:s + step] @ b64.T
+                    b[lo:hi] = blk[ri_t[lo:hi] - s, ci_t[lo:hi]]
+            b = b.cpu().numpy()
+        else:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+                b = self._sparse_dots(a64, b64, ri, ci)
+        # |b - c| <= delta; the extra term covers the rounding of b -+ delta themselves
+        e = self.delta + np.abs(b) * 2.0 ** -51
+        f = (b - e).astype(np.float32)
+        amb = np.flatnonzero(f != (b + e).astype(np.float32))
+        if amb.size:
+            c = canonical_dot(self.img_np[img_ids[ri[amb]]], self.cap_np[cap_ids[ci[amb]]])
+            f[amb] = c.astype(np.float32)
+            _count_canonical(st, "canonical_rounding", amb.size)
+        return f + np.float32(0.0)                      # -0.0 -> +0.0: one key for zero
+
+    def _sparse_dots(self, a64, b64, ri, ci) -> np.ndarray:
+        """float64 dot products a64[ri] . b64[ci] (ri ascending).
+
+        ``sampled_addmm`` reads each pair's two rows; per block of KEY_ROWS rows (which stay
+        in cache) the pairs run column by column, so each column row is read once per block.
+        On CPU the blocks are jobs on the pool.
+        """
+        n_r, n_c = a64.shape[0], b64.shape[0]
+        if self.pool is None:
+            crow = torch.zeros(n_r + 1, dtype=torch.int64, device=self.dev)
+            crow[1:] = torch.cumsum(torch.bincount(torch.from_numpy(ri).to(self.dev),
+                                                   minlength=n_r), 0)
+            pattern = torch.sparse_csr_tensor(
+                crow, torch.from_numpy(ci).to(self.dev),
+                torch.zeros(ri.size, dtype=torch.float64, device=self.dev),
+                size=(n_r, n_c), check_invariants=False)
+            return torch.sparse.sampled_addmm(pattern, a64, b64.T, beta=0.0).values().cpu().numpy()
+        out = np.empty(ri.size)
+
+        def block(r0, lo, hi):
+            c = ci[lo:hi]
+            order = np.argsort(c.astype(np.uint16) if n_c <= 1 << 16 else c, kind="stable")
+            crow = np.zeros(n_c + 1, dtype=np.int64)
+            np.cumsum(np.bincount(c, minlength=n_c), out=crow[1:])
+            pattern = torch.sparse_csr_tensor(
+                torch.from_numpy(crow), torch.from_numpy(ri[lo:hi][order] - r0),
+                torch.zeros(hi - lo, dtype=torch.float64), size=(n_c, min(KEY_ROWS, n_r - r0)),
+                check_invariants=False)
+            v = torch.sparse.sampled_addmm(pattern, b64, a64[r0:r0 + KEY_ROWS].T, beta=0.0)
+            out[lo:hi][order] = v.values().numpy()
+
+        starts = range(0, n_r, KEY_ROWS)
+        bounds = np.searchsorted(ri, np.r_[list(starts), n_r])
+        jobs = [self.pool.submit(block, r0, lo, hi)
+                for r0, lo, hi in zip(starts, bounds[:-1], bounds[1:]) if hi > lo]
+        for job in jobs:
+            job.result()
+        return out
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown()
+            torch.set_num_threads(torch.get_num_threads())  # the workers' 1 is torch's default
+            self.pool = None                                  # for new threads: undo it
+
+    # -- one sweep
+    def sweep(self, rows, cols, k1: int, k2: int, speculate: bool, i2t, progress, tag: str,
+              floors=None):
+        """rows x cols (global image / caption ids, in processing order); k1 / k2 = 0 turns
+        a direction off. Row answers go to i2t = (ids, scores, row_offset). Returns the
+        column selection (its queries in ascending caption id, or None) and the rows that
+        failed the check with their proven floors. speculate: speculative floors (else
+        proven ones only); tag: the stats key counting tiles; floors: starting floors of
+        the queries (of the one active direction), in the order of rows / cols."""
+        st, dev = self.stats, self.dev
+        n_i = self.img_np.shape[0]
+        n_r, n_c = rows.size, cols.size
+        R, C = self.row_block, self.col_block
+        own_caps = np.bincount(cols // 5, minlength=n_i)          # own captions among cols
+        cols_sel = None
+        if k2:
+            in_rows = np.zeros(n_i, dtype=bool)
+            in_rows[rows] = True
+            qcols = np.sort(cols)
+            k_col = np.minimum(k2, n_r - in_rows[qcols // 5])
+            cols_sel = _Selection(qcols, k_col, _capacity(int(k_col.max()), self.slack),
+                                  self.cap_np, self.img_np, st)
+            col_row = np.full(self.cap_np.shape[0], -1, dtype=np.int64)
+            col_row[qcols] = np.arange(n_c)
+            if floors is not None:
+                cols_sel.floor[col_row[cols]] = floors
+        failed_rows, failed_floors = [], []
+        if k1:                     # the i2t selections of every row block share one memory
+            cap1 = _capacity(k1, 2 * self.slack)
+            row_memory = (np.empty((min(R, n_r), cap1), dtype=np.int32),
+                          np.empty((min(R, n_r), cap1), dtype=np.float32))
+        for rb, r0 in enumerate(range(0, n_r if (k1 or k2) else 0, R)):
+            rr = rows[r0:r0 + R]
+            nr = rr.size
+            a_blk, a64 = self._gather(self.a_lp, self.a32, rr, self.rows_buf)
+            self.img_pos[rr] = np.arange(nr)
+            rows_sel = None
+            if k1:
+                k_row = np.minimum(k1, n_c - own_caps[rr])
+                rows_sel = _Selection(rr, k_row, cap1, self.img_np, self.cap_np, st, row_memory)
+                if floors is not None:
+                    rows_sel.floor[:] = floors[r0:r0 + R]
+            p_col = (r0 + nr) / n_r                   # share of the rows seen after this block
+            for cb, c0 in enumerate(range(0, n_c, C)):
+                cc = cols[c0:c0 + C]
+                nc = cc.size
+                t0 = time.perf_counter()
+                b_blk, b64 = self._gather(self.b_lp, self.b32, cc, self.cols_buf)
+                s = self.s_buf[:nr * nc].view(nr, nc)
+                _gemm(a_blk, b_blk, s)
+                own = self.img_pos[cc // 5]                      # positives: caption of a row
+                j = np.flatnonzero(own >= 0)
+                if j.size:
+                    s[torch.from_numpy(own[j]).to(dev), torch.from_numpy(j).to(dev)] = -math.inf
+                t1 = time.perf_counter()
+                st["seconds_gemm"] = st.get("seconds_gemm", 0.0) + t1 - t0
+                ccol = col_row[cc] if cols_sel is not None else None
+                if rows_sel is not None and cb == 0:
+                    self._first_floor(rows_sel, slice(None), s, n_c, 1, speculate)
+                if cols_sel is not None and rb == 0:
+                    self._first_floor(cols_sel, ccol, s, n_r, 0, speculate)
+                ri, ci, in_r, in_c = self._survivors(
+                    s, self.tau(rows_sel.floor) if rows_sel is not None else None,
+                    self.tau(cols_sel.floor[ccol]) if cols_sel is not None else None)
+                t2 = time.perf_counter()
+                st["seconds_filter"] = st.get("seconds_filter", 0.0) + t2 - t1
+                f = self.keys(a64, b64, ri, ci, rr, cc)
+                t3 = time.perf_counter()
+                st["seconds_keys"] = st.get("seconds_keys", 0.0) + t3 - t2
+                if rows_sel is not None:
+                    keep = in_r & (f >= rows_sel.floor[ri])
+                    st["survivors_i2t"] = st.get("survivors_i2t", 0) + int(keep.sum())
+                    rows_sel.add(ri[keep], cc[ci[keep]], f[keep])
+                    rows_sel.refine(slice(None), (c0 + nc) / n_c, speculate)
+                if cols_sel is not None:
+                    keep = in_c & (f >= cols_sel.floor[ccol[ci]])
+                    st["survivors_t2i"] = st.get("survivors_t2i", 0) + int(keep.sum())
+                    q = ci[keep]                      # grouped by column (radix sort)
+                    order = np.argsort(q.astype(np.uint16) if nc <= 1 << 16 else q, kind="stable")
+                    cols_sel.add(ccol[q[order]], rr[ri[keep][order]], f[keep][order])
+                    cols_sel.refine(ccol, p_col, speculate)
+                st["seconds_keep"] = st.get("seconds_keep", 0.0) + time.perf_counter() - t3
+                st[tag] = st.get(tag, 0) + 1
+                held = (rows_sel.cnt.sum() if rows_sel is not None else 0) + \
+                    (cols_sel.cnt.sum() if cols_sel is not None else 0)
+                st["peak_buffered"] = max(st.get("peak_buffered", 0), int(held))
+                if progress is not None:
+                    progress.update(1)
+            self.img_pos[rr] = -1
+            if rows_sel is not None:
+                t = time.perf_counter()
+                ids, fs, check = rows_sel.finish(slice(None))
+                out_ids, out_f, off = i2t
+                out_ids[rr - off], out_f[rr - off] = ids, fs
+                bad = ~np.isnan(check)
+                failed_rows.append(rr[bad])
+                failed_floors.append(check[bad])
+                st["seconds_finish"] = st.get("seconds_finish", 0.0) + time.perf_counter() - t
+        if not failed_rows:
+            return cols_sel, np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        return cols_sel, np.concatenate(failed_rows), np.concatenate(failed_floors)
+
+    def _survivors(self, s, tr, tc):
+        """Row and column (row-major order) of the tile entries >= their row threshold tr or
+        their column threshold tc (float32 arrays; None = direction off), and which of the
+        two each one passed. One compare over the tile, against min(tr, q) per row with q a
+        low quantile of tc; the columns below q get their own pass on a gathered slice.
+        On CPU the row ranges are single-threaded jobs on the pool (as for the keys)."""
+        nr, nc = s.shape
+        if tr is None or tc is None:
+            t_row = tr if tc is None else None
+            low, t_low = None, None
+        else:
+            q = np.partition(tc, nc // 50)[nc // 50]
+            t_row, low = np.minimum(tr, q), np.flatnonzero(tc < q)
+            t_low = tc[low]
+        if self.pool is None:
+            return _filter(s, self.m_buf[:nr * nc].view(nr, nc), tr, tc, t_row, low, t_low)
+        s_np, m_np = s.numpy(), self.m_buf[:nr * nc].numpy().reshape(nr, nc)
+        cuts = np.unique(np.linspace(0, nr, self.workers + 1).astype(int))
+        jobs = [self.pool.submit(_filter, s_np[a:b], m_np[a:b], _part(tr, a, b), tc,
+                                 _part(t_row, a, b), low, t_low)
+                for a, b in zip(cuts[:-1], cuts[1:])]
+        parts = [job.result() for job in jobs]
+        ri = np.concatenate([part[0] + a for part, a in zip(parts, cuts)])
+        ci = np.concatenate([part[1] for part in parts])
+        in_r, in_c = (None if parts[0][i] is None else np.concatenate([p[i] for p in parts])
+                      for i in (2, 3))
+        return ri, ci, in_r, in_c
+
+    def _gather(self, lowp, x32, ids, bufs):
+        """Rows ``ids`` of the GEMM input and of the float32 input (as float64), in buffers."""
+        n = ids.size
+        ids_t = torch.from_numpy(ids).to(self.dev)
+        blk = torch.index_select(lowp, 0, ids_t, out=bufs[0][:n])
+        src = blk if lowp is x32 else x32.index_select(0, ids_t)
+        return blk, bufs[1][:n].copy_(src)
+
+    def _first_floor(self, sel, rows, s, n_gallery, axis, speculate):
+        """Floors from S_hat where a query meets its first tile: its rank-r tile score
+        (along ``axis``: 1 = per row, 0 = per column) lowered by the bound. Proven with
+        r = k over the whole tile (k entries reach it); speculative over the first PILOT
+        entries with r for that share of the gallery."""
+        n = s.shape[axis]
+        m = min(PILOT, n) if speculate else n
+        r = _rank(sel.kmax, m / n_gallery, speculate)
+        if r < 1 or r > m - (5 if axis == 1 else 1):  # leave room for positives (-inf)
+            return
+        # one contiguous copy with the sample along the last axis, partitioned in place
+        part = (s[:, :m] if axis == 1 else s[:m].T).clone(
+            memory_format=torch.contiguous_format).cpu().numpy()
+        part.partition(m - r, axis=1)
+        est = part[:, m - r]
+        idx = np.arange(sel.cnt.size)[rows]
+        sel.floor[idx] = np.maximum(sel.floor[idx], self.floor_from_tile(est))
 
 
-def _mask_positives(s: torch.Tensor, r0: int, r1: int, c0: int, c1: int):
-    lo, hi = max(c0, 5 * r0), min(c1, 5 * r1)
-    if lo < hi:
-        j = torch.arange(lo, hi, device=s.device)
-        s[j // 5 - r0, j - c0] = -math.inf
+def _capacity(k: int, slack: float) -> int:
+    return k + max(16, math.ceil(slack * k))
+
+
+def _gemm(a, b, out):
+    if a.dtype == torch.float32:
+        return torch.mm(a, b.T, out=out)
+    return out.copy_(a @ b.T)
+
+
+def _part(x, a, b):
+    return None if x is None else x[a:b]
+
+
+def _filter(s, mask, tr, tc, t_row, low, t_low):
+    """The work of ``_Pass._survivors`` on rows of a tile (numpy on CPU, torch elsewhere):
+    t_row: the per-row threshold of the one compare, None = columns only (tc); low / t_low:
+    columns needing their own pass and their thresholds."""
+    nr, nc = s.shape
+    if isinstance(s, torch.Tensor):
+        dev = s.device
+        if t_row is None:
+            m = torch.ge(s, torch.from_numpy(tc).to(dev)[None, :], out=mask)
+        else:
+            t = torch.from_numpy(t_row).to(dev)[:, None]
+            m = torch.ge(s, t, out=mask)
+        idx = _flatnonzero(m)
+        if low is not None and low.size:
+            sub = s.index_select(1, torch.from_numpy(low).to(dev))
+            extra = _flatnonzero((sub >= torch.from_numpy(t_low).to(dev)[None, :]) & (sub < t))
+    else:
+        np.greater_equal(s, tc[None, :] if t_row is None else t_row[:, None], out=mask)
+        idx = np.flatnonzero(mask)
+        if low is not None and low.size:
+            sub = s[:, low]
+            extra = np.flatnonzero((sub >= t_low[None, :]) & (sub < t_row[:, None]))
+    if low is not None and low.size:               # entries of those columns not found above
+        r, c = np.divmod(extra, low.size)
+        extra = r * nc + low[c]                                           # ascending
+        idx = np.insert(idx, np.searchsorted(idx, extra), extra)
+    ri, ci = np.divmod(idx, nc)
+    if tr is None or tc is None:
+        ones = np.ones(ri.size, dtype=bool)
+        return ri, ci, (ones if tc is None else None), (ones if tr is None else None)
+    v = _take(s, idx)
+    in_r, in_c = v >= tr[ri], v >= tc[ci]
+    keep = in_r | in_c
+    return ri[keep], ci[keep], in_r[keep], in_c[keep]
+
+
+def _flatnonzero(m: torch.Tensor) -> np.ndarray:
+    return torch.nonzero(m.reshape(-1)).squeeze(1).cpu().numpy()
+
+
+def _take(x, idx: np.ndarray) -> np.ndarray:
+    """x.flatten()[idx] as numpy (x: numpy, or a torch tensor on the device)."""
+    if isinstance(x, np.ndarray):
+        return x.reshape(-1)[idx]
+    return x.reshape(-1)[torch.from_numpy(idx).to(x.device)].cpu().numpy()
 
 
 # --------------------------------------------------------------------------- main
-def mine_torch(img, cap, k_i2t: int, k_t2i: int, *, precision: str = "bf16",
+def mine_torch(img, cap, k_i2t: int, k_t2i: int, *, precision: str = "auto",
                device: str = "cpu", row_block: int = 4096, col_block: int = 8192,
-               progress: bool = False, buffer_slack: float = 1.0) -> KnnResult:
-    """Exact i2t / t2i candidates (ids equal to :func:`mine_reference`) in one tiled pass.
+               progress: bool = False, buffer_slack: float = 0.4) -> KnnResult:
+    """Exact i2t / t2i candidates (ids and scores equal to :func:`mine_reference`) in one
+    tiled pass.
 
     precision: "bf16" | "fp16" | "fp32" for the GEMM (the answer is exact in every case;
-    lower precision only widens the filter band), or "auto" (fastest GEMM on a probe).
-    row_block x col_block: the tile; at most one tile of scores exists at a time.
-    buffer_slack: per-query buffer capacity is K + max(64, buffer_slack * K) candidates
-    (a buffer that fills is pruned; one that cannot be pruned below it grows). Memory:
-    N_c x capacity(K_t2i) + row_block x capacity(K_i2t) entries of 8 bytes, plus one tile.
+    a lower precision widens the filter band, so more entries need a float64 key), or
+    "auto" (the cheapest on this machine: :func:`_pick_precision`).
+    row_block x col_block: the tile; one tile of scores (and its mask) exists at a time.
+    buffer_slack: a t2i selection holds up to K + max(16, buffer_slack * K) candidates, an
+    i2t one twice that slack, before it is pruned. Memory: the outputs, N_c x the t2i slack
+    while the pass runs, one row block's i2t selections, one tile (module doc).
 
-    stats: seconds, seconds_rescore, tiles, precision, device, eps0 / rho (the bound used,
-    |s_hat - c| <= eps0 + rho |s_hat|, in tile units; score_scale = tile units per score
-    unit), eps_apriori_unit (:func:`lowp_error_bound`), probe_max_excess (<= 0),
-    survivors_i2t / survivors_t2i (tile entries that passed the filter), prunes,
-    buffer_growths, peak_buffered (max candidates held at once), rescored_i2t /
-    rescored_t2i (pairs re-scored in float64), canonical_refined (pairs that needed the
-    canonical sum), rescore_delta, gemm_flop, k_i2t / k_t2i (after capping).
+    stats: seconds, and its parts seconds_gemm (with the block gathers), _filter, _keys,
+    _keep, _finish; tiles (tiles_recheck: those of the re-mining passes); precision, device;
+    eps0 / rho (the bound used, |s_hat - c| <= eps0 + rho |s_hat|, in tile units;
+    score_scale = tile units per score unit), eps_apriori_unit (:func:`lowp_error_bound`),
+    probe_max_excess (<= 0), rescore_delta (the keys' float64 bound); survivors_i2t /
+    survivors_t2i (entries kept by each direction), keyed (entries given a key;
+    keyed_dense of them by a dense float64 GEMM), canonical_refined (canonical sums:
+    canonical_rounding for keys, canonical_ties for equal keys), refinements, prunes
+    (selections over capacity), exact_cuts, rechecked_i2t / rechecked_t2i (queries whose
+    speculative floor failed the check, mined again), peak_buffered (candidates held at
+    once, at most), gemm_flop, k_i2t / k_t2i (after capping).
     """
     t_start = time.perf_counter()
     _check_options(precision, row_block, col_block)
     img32, cap32, k1, k2 = validate_inputs(img, cap, k_i2t, k_t2i)
     n_i, d = img32.shape
-    n_c = cap32.shape[0]
     dev = _as_device(device)
     if precision == "auto":
         precision = _pick_precision(d, dev)
     stats: dict = {"backend": "torch", "precision": precision, "device": str(dev),
                    "k_i2t": k1, "k_t2i": k2, "row_block": int(row_block),
                    "col_block": int(col_block)}
-    i2t, i2t_s, t2i, t2i_s = _tiled_pass(
-        img32, cap32, k1, k2, row_offset=0, precision=precision, dev=dev,
-        row_block=row_block, col_block=col_block, progress=progress,
-        buffer_slack=buffer_slack, stats=stats)
-    stats.update(gemm_flop=2.0 * n_i * n_c * d, seconds=time.perf_counter() - t_start)
+    i2t, i2t_s, t2i, t2i_s = _mine(img32, cap32, np.arange(n_i), k1, k2, precision=precision,
+                                   dev=dev, row_block=row_block, col_block=col_block,
+                                   progress=progress, buffer_slack=buffer_slack, stats=stats)
+    stats.update(gemm_flop=2.0 * n_i * cap32.shape[0] * d, seconds=time.perf_counter() - t_start)
     return KnnResult(i2t, i2t_s, t2i, t2i_s, stats)
 
 
@@ -432,8 +952,8 @@ def _as_device(device) -> torch.device:
 
 
 def mine_torch_block(img, cap, start: int, stop: int, k_i2t: int, k_t2i: int, *,
-                     precision: str = "bf16", device: str = "cpu", row_block: int = 4096,
-                     col_block: int = 8192, buffer_slack: float = 1.0,
+                     precision: str = "auto", device: str = "cpu", row_block: int = 4096,
+                     col_block: int = 8192, buffer_slack: float = 0.4,
                      validate: bool = True, cap_cache: dict | None = None) -> KnnResult:
     """Image rows ``start:stop`` of ``img`` mined against the whole caption gallery.
 
@@ -471,147 +991,60 @@ def mine_torch_block(img, cap, start: int, stop: int, k_i2t: int, k_t2i: int, *,
         raise InputError(None, f"image block {start}:{stop} is not a non-empty range "
                                f"within 0:{n_i}")
     start, stop = int(start), int(stop)
-    nb = stop - start
     dev = _as_device(device)
     if precision == "auto":
         precision = _pick_precision(d, dev)
     stats: dict = {"backend": "torch", "precision": precision, "device": str(dev),
                    "k_i2t": k1, "k_t2i": k2, "row_block": int(row_block),
                    "col_block": int(col_block), "block": (start, stop)}
-    dense = k2 >= nb                   # every block image is wanted by every caption
-    kb = nb if dense else k2
-    i2t, i2t_s, t2i, t2i_s = _tiled_pass(
-        img[start:stop], cap, k1, kb, row_offset=start, precision=precision, dev=dev,
-        row_block=row_block, col_block=col_block, progress=False,
-        buffer_slack=buffer_slack, stats=stats, t2i_all=dense, cap_cache=cap_cache)
-    if kb:
-        pad = t2i < 0
-        t2i = t2i + np.int32(start)
-        t2i[pad] = -1
-    stats.update(gemm_flop=2.0 * nb * n_c * d, seconds=time.perf_counter() - t_start)
+    kb = min(k2, stop - start)               # every block image when K_t2i >= its size
+    i2t, i2t_s, t2i, t2i_s = _mine(img, cap, np.arange(start, stop), k1, kb,
+                                   precision=precision, dev=dev, row_block=row_block,
+                                   col_block=col_block, progress=False,
+                                   buffer_slack=buffer_slack, stats=stats, cap_cache=cap_cache)
+    stats.update(gemm_flop=2.0 * (stop - start) * n_c * d, seconds=time.perf_counter() - t_start)
     return KnnResult(i2t, i2t_s, t2i, t2i_s, stats)
 
 
-def _tiled_pass(img32, cap32, k1: int, k2: int, *, row_offset: int, precision: str, dev,
-                row_block: int, col_block: int, progress: bool, buffer_slack: float,
-                stats: dict, t2i_all: bool = False, cap_cache: dict | None = None):
-    """The single pass over ``img32`` (image rows ``row_offset ..`` of the whole input,
-    which fixes the positives) x ``cap32``. Returns i2t, i2t_s, t2i, t2i_s; t2i ids are
-    local (row of ``img32``). t2i_all: no t2i selection, every caption lists every row
-    of ``img32`` (own image as padding -1 / -inf at the end), k2 must be len(img32)."""
-    n_i, d = img32.shape
+def _mine(img32, cap32, rows, k1: int, k2: int, *, precision: str, dev, row_block: int,
+          col_block: int, progress: bool, buffer_slack: float, stats: dict,
+          cap_cache: dict | None = None):
+    """Image rows ``rows`` (a range) x all captions: i2t of those rows, t2i among them."""
     n_c = cap32.shape[0]
-    dtype = _FORMATS[precision][0]
-    with torch.no_grad(), _exact_matmul_flags():
-        # read-only memmaps: torch needs writable memory, so they are copied once
-        a32 = torch.from_numpy(img32 if img32.flags.writeable else np.array(img32)).to(dev)
-        b32 = torch.from_numpy(cap32 if cap32.flags.writeable else np.array(cap32)).to(dev)
-        # fp16 has a small range: a side whose max row norm is outside [1/16, 16] is scaled
-        # by a power of two (max norm into [0.5, 1)); the tile scores then all scale by one
-        # positive constant, the ordering is unchanged, and the bound is computed in the
-        # scaled units (final scores come from the unscaled float32 inputs).
-        sa = sb = 1.0
-        key = None
-        if cap_cache is not None:
-            key = ("cap_norm", str(dev))
-            if key not in cap_cache:
-                cap_cache[key] = max_row_norm(b32)
-            g_norm_cap = cap_cache[key]
-        else:
-            g_norm_cap = None
-        if precision == "fp16":
-            sa = _pow2_scale(max_row_norm(a32))
-            sb = _pow2_scale(g_norm_cap if g_norm_cap is not None else max_row_norm(b32))
-        a_lp, na, na_h, ea = _lowp(a32, dtype, sa)
-        if cap_cache is not None:
-            key = ("lowp", precision, sb, str(dev))
-            if key not in cap_cache:
-                for k in [k for k in cap_cache if k[0] == "lowp"]:
-                    del cap_cache[k]                  # one low-precision copy at a time
-                cap_cache[key] = _lowp(b32, dtype, sb)
-            b_lp, nb, nb_h, eb = cap_cache[key]
-        else:
-            b_lp, nb, nb_h, eb = _lowp(b32, dtype, sb)
-        eps0, rho = _data_bound(d, precision, na, na_h, ea, nb, nb_h, eb)
-        stats.update(eps0=eps0, rho=rho, eps_apriori_unit=lowp_error_bound(d, precision),
-                     score_scale=sa * sb)
-        stats["probe_max_excess"] = _probe(a_lp, b_lp, img32, cap32, sa * sb, eps0, rho)
-
-        def tau_fn(kth: torch.Tensor) -> torch.Tensor:
-            x = kth.double()
-            lo = x - rho * x.abs() - eps0
-            y = lo - eps0
-            t = torch.where(y >= 0, y / (1 + rho), y / (1 - rho))
-            t = t - 2.0 ** -50 * (x.abs() + 1.0)
-            t32 = t.float()
-            t32 = torch.where(t32.double() > t,
-                              torch.nextafter(t32, torch.full_like(t32, -math.inf)), t32)
-            t32 = torch.where(torch.isfinite(x), t32, torch.full_like(t32, FLOAT32_LOWEST))
-            return t32.clamp(min=FLOAT32_LOWEST)
-
-        slack1 = max(64, int(buffer_slack * k1))
-        slack2 = max(64, int(buffer_slack * k2))
-        i2t = np.empty((n_i, k1), dtype=np.int32)
-        i2t_s = np.empty((n_i, k1), dtype=np.float32)
-        q_norm_img = max_row_norm(a32)
-        if g_norm_cap is None:
-            g_norm_cap = max_row_norm(b32)
-        delta = rescore_delta(d, q_norm_img, g_norm_cap)
-        stats["rescore_delta"] = delta
-        cols = None
-        if k2 and not t2i_all:
-            cols = _Buffers(n_c, k2, slack2, dev, tau_fn, stats, "t2i")
-        tiles, peak, t_rescore = 0, 0, 0.0
-        n_rb = -(-n_i // row_block)
-        n_cb = -(-n_c // col_block)
+    i2t = np.empty((rows.size, k1), dtype=np.int32)
+    i2t_s = np.empty((rows.size, k1), dtype=np.float32)
+    with torch.no_grad(), _exact_matmul_flags(), contextlib.closing(
+            _Pass(img32, cap32, precision, dev, row_block, col_block, buffer_slack, stats,
+                  cap_cache)) as ps:
+        # A fixed pseudo-random visiting order: every block of rows / columns is a random
+        # sample, which the speculative floors assume (any order gives the same answer).
+        row_order = rows[np.random.default_rng(rows.size).permutation(rows.size)]
+        col_order = np.random.default_rng(n_c).permutation(n_c)
         bar = None
         if progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=n_rb * n_cb, desc="mine (tiles)", leave=False)
-        for r0 in range(0, n_i if (k1 or cols is not None) else 0, row_block):
-            r1 = min(n_i, r0 + row_block)
-            rows = _Buffers(r1 - r0, k1, slack1, dev, tau_fn, stats, "i2t") if k1 else None
-            for c0 in range(0, n_c, col_block):
-                c1 = min(n_c, c0 + col_block)
-                s = _tile_mm(a_lp[r0:r1], b_lp[c0:c1])
-                _mask_positives(s, row_offset + r0, row_offset + r1, c0, c1)
-                if rows is not None:
-                    rows.update(s, 0, c0, dim=1)
-                if cols is not None:
-                    cols.update(s, c0, r0, dim=0)
-                del s
-                tiles += 1
-                buffered = (rows.buffered() if rows else 0) + (cols.buffered() if cols else 0)
-                peak = max(peak, buffered)
-                if bar is not None:
-                    bar.update(1)
-            if rows is not None:
-                t = time.perf_counter()
-                cand = rows.final_candidates()
-                i2t[r0:r1], i2t_s[r0:r1] = rescore_topk(
-                    a32[r0:r1], b32, img32, cap32, cand, k1, q_offset=r0, delta=delta,
-                    stats=stats)
-                stats["rescored_i2t"] = stats.get("rescored_i2t", 0) + int((cand >= 0).sum())
-                t_rescore += time.perf_counter() - t
+            bar = tqdm(total=-(-rows.size // row_block) * -(-n_c // col_block),
+                       desc="mine (tiles)", leave=False)
+        cols_sel, bad_rows, bad_floors = ps.sweep(row_order, col_order, k1, k2, True,
+                                                  (i2t, i2t_s, rows[0]), bar, "tiles")
         if bar is not None:
             bar.close()
-        if cols is not None or (t2i_all and k2):
-            t = time.perf_counter()
-            if cols is not None:
-                cand = cols.final_candidates()
-            else:
-                cand = torch.arange(n_i, device=dev).expand(n_c, n_i).clone()
-                own = torch.arange(n_c, device=dev) // 5 - row_offset
-                inside = ((own >= 0) & (own < n_i)).nonzero().squeeze(1)
-                cand[inside, own[inside]] = -1
-            stats["rescored_t2i"] = int((cand >= 0).sum())
-            t2i, t2i_s = rescore_topk(b32, a32, cap32, img32, cand, k2, delta=delta,
-                                      stats=stats)
-            t_rescore += time.perf_counter() - t
-        else:
-            t2i = np.empty((n_c, 0), dtype=np.int32)
-            t2i_s = np.empty((n_c, 0), dtype=np.float32)
-    stats.update(tiles=tiles, peak_buffered=peak, seconds_rescore=t_rescore)
+        if bad_rows.size:                          # speculation failed: proven floors only
+            stats["rechecked_i2t"] = int(bad_rows.size)
+            ps.sweep(bad_rows, col_order, k1, 0, False, (i2t, i2t_s, rows[0]), None,
+                     "tiles_recheck", floors=bad_floors)
+        if cols_sel is None:
+            return (i2t, i2t_s, np.empty((n_c, 0), dtype=np.int32),
+                    np.empty((n_c, 0), dtype=np.float32))
+        t = time.perf_counter()
+        t2i, t2i_s, check = cols_sel.release()
+        stats["seconds_finish"] = stats.get("seconds_finish", 0.0) + time.perf_counter() - t
+        bad_cols = np.flatnonzero(~np.isnan(check))
+        if bad_cols.size:
+            stats["rechecked_t2i"] = int(bad_cols.size)
+            sel, _, _ = ps.sweep(row_order, bad_cols, 0, k2, False, None, None, "tiles_recheck",
+                                 floors=check[bad_cols])
+            t2i[bad_cols], t2i_s[bad_cols], _ = sel.finish(slice(None))
     return i2t, i2t_s, t2i, t2i_s
 
 
@@ -623,8 +1056,8 @@ def _probe(a_lp, b_lp, img32, cap32, scale, eps0, rho) -> float:
     x = torch.cat([a_lp[:ra], a_lp[:ra].abs()])
     y = torch.cat([b_lp[:rb], b_lp[:rb].abs()])
     s = _tile_mm(x, y).double().cpu()
-    xa = torch.from_numpy(img32[:ra]).double()
-    yb = torch.from_numpy(cap32[:rb]).double()
+    xa = torch.from_numpy(np.array(img32[:ra], dtype=np.float64))  # a copy: memmaps are
+    yb = torch.from_numpy(np.array(cap32[:rb], dtype=np.float64))  # read-only
     ex = torch.cat([xa, xa.abs()]) @ torch.cat([yb, yb.abs()]).T * scale
     excess = float(((s - ex).abs() - (eps0 + rho * s.abs())).max())
     if excess > 0:

@@ -29,7 +29,7 @@ class MineConfig:
     k_i2t: int = 2000
     k_t2i: int = 400
     backend: str = "torch"          # torch (one tiled pass, exact) | faiss
-    precision: str = "bf16"         # torch GEMM: bf16 | fp16 | fp32 | auto (exact in every case)
+    precision: str = "auto"         # torch GEMM: auto | bf16 | fp16 | fp32 (exact in every case)
     index: str = "flat"             # faiss: flat (exact) | ivf | hnsw (approximate)
     device: str = "cpu"
     row_block: int = 4096           # torch tile: image rows x caption columns
