@@ -30,7 +30,7 @@ import torch
 
 from pipeline.errors import InputError
 from pipeline.mining.reference import (U64, KnnResult, gamma, max_row_norm, rescore_delta,
-                                       rescore_topk, validate_inputs)
+                                       rescore_topk, shared_tensor, validate_inputs)
 
 GPU_K_LIMIT = 2048
 U32 = 2.0 ** -24
@@ -187,8 +187,8 @@ def mine_faiss(img, cap, k_i2t: int, k_t2i: int, *, index: str = "flat",
                                        f"{name}={k} needs k={k + npos} (K + {npos} positives). "
                                        f"Use use_gpu=False or the torch backend")
     stats: dict = {"backend": "faiss", "index": index, "gpu": gpu, "k_i2t": k1, "k_t2i": k2}
-    a = torch.from_numpy(img32)
-    b = torch.from_numpy(cap32)
+    a = shared_tensor(img32)
+    b = shared_tensor(cap32)
     na, nb = max_row_norm(a), max_row_norm(b)
     u_in = 2.0 ** -10 if gpu else 0.0      # TF32 inputs, should the GPU GEMM use them
     eps0 = ((2 * u_in + u_in * u_in) + gamma(d, U32) * (1 + u_in) ** 2 + gamma(d, U64)) \

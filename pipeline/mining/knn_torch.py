@@ -131,7 +131,7 @@ import torch
 
 from pipeline.errors import InputError
 from pipeline.mining.reference import (FLOAT32_LOWEST, U64, KnnResult, canonical_dot, gamma,
-                                       rescore_delta, validate_inputs)
+                                       rescore_delta, shared_tensor, validate_inputs)
 
 U32 = 2.0 ** -24
 _FORMATS = {
@@ -516,10 +516,8 @@ class _Pass:
         self.row_block, self.col_block = int(row_block), int(col_block)
         d = img32.shape[1]
         dtype = _FORMATS[precision][0]
-        with warnings.catch_warnings():      # read-only memmaps: shared, never written
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            self.a32 = torch.from_numpy(img32).to(dev)
-            self.b32 = torch.from_numpy(cap32).to(dev)
+        self.a32 = shared_tensor(img32).to(dev)   # read-only memmaps: shared, never written
+        self.b32 = shared_tensor(cap32).to(dev)
         # fp16 has a small range: a side whose max row norm is outside [1/16, 16] is scaled
         # by a power of two (max norm into [0.5, 1)); the tile scores then all scale by one
         # positive constant, the ordering is unchanged, and the bound is computed in the

@@ -34,6 +34,7 @@ result equals sorting all candidates by (-canonical, id), bit for bit.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -294,3 +295,11 @@ def rescore_topk(q: torch.Tensor, g: torch.Tensor, q_np: np.ndarray, g_np: np.nd
         stats["rescored"] = stats.get("rescored", 0) + rescored
         stats["canonical_refined"] = stats.get("canonical_refined", 0) + refined
     return ids_out, sc_out
+
+
+def shared_tensor(x: np.ndarray) -> torch.Tensor:
+    """torch view of a float array that may be read-only (a memmap): shared and never
+    written, so torch's warning about non-writable arrays does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(x)
