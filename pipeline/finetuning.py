@@ -102,9 +102,8 @@ class CandidateRefresh:
         knn = mine_torch(img, cap, self.k_i2t, self.k_t2i, precision=self.precision,
                          device=self.device, progress=False)
         write_candidates(self.folder, self.name,
-                         Candidates(knn.i2t, knn.t2i, knn.i2t_scores, knn.t2i_scores,
-                                    meta={"refreshed_after_epoch": done}))
-        self.load()
+                         Candidates.from_knn(knn, meta={"refreshed_after_epoch": done}))
+        self.dataset.i2t, self.dataset.t2i = knn.i2t, knn.t2i  # exact by construction: no re-read
         return {"refreshed": 1, "refresh_seconds": time.perf_counter() - t0}
 
     def load(self) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -141,3 +142,21 @@ def short_error(e: Exception) -> str:
     if len(msg) > 160:
         msg = msg[:157] + "..."
     return f"{e.__class__.__name__}: {msg}" if msg else e.__class__.__name__
+
+
+def jsonable(x):
+    """x with numpy values made plain (arrays to lists, scalars to Python numbers), dict keys
+    as strings, non-finite floats and other objects as strings: safe for strict JSON."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    return str(x)

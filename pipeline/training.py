@@ -32,6 +32,7 @@ from pipeline.progress import progress
 
 from pipeline.checkpoint import load_state_dict, save_checkpoint
 from pipeline.data.datasets import PairDataset, collate_pairs
+from pipeline.device import resolve_device
 from pipeline.embeddings import encode_split
 from pipeline.errors import InputError
 from pipeline.evaluation.protocols import evaluate_embeddings
@@ -113,12 +114,6 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
     return [perm[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(None, f"--device {device} requested but torch sees no CUDA device")
-    return torch.device(device)
 
 
 def _to(batch: dict, device: torch.device) -> dict:

@@ -7,6 +7,8 @@ folder checked against the training split before the first step.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from pipeline.data.datasets import PairDataset, collate_pairs
@@ -15,7 +17,7 @@ from pipeline.data.precomp import find_vocab, open_split
 from pipeline.data.vocab import Vocab
 from pipeline.errors import InputError
 from pipeline.finetuning import CandidateRefresh, make_objective
-from pipeline.losses.aoq import LOSSES, AOQSettings
+from pipeline.losses.aoq import AOQSettings
 from pipeline.models import create_model
 from pipeline.training import Trainer, triplet_objective
 from stages.train_base import settings_for
@@ -49,8 +51,6 @@ def run(*, model: str, data_dir, out_dir, loss: str = "aoq", candidates_dir=None
         refresh_precision: str = "auto", passes: str = "batched", device: str = "cpu",
         resume: bool = False, progress: bool = True, stop_after_steps: int | None = None,
         kill_after_steps: int | None = None) -> dict:
-    if loss not in LOSSES:
-        raise InputError(None, f"unknown loss {loss!r} (known: {', '.join(LOSSES)})")
     settings = settings_for(model, {**FINETUNE_DEFAULTS, **(train_options or {})})
     aoq = AOQSettings(loss=loss, margin=settings.margin, max_violation=settings.max_violation,
                       mask_same_image=settings.mask_same_image, **(aoq_options or {})).check("--loss")
@@ -79,7 +79,7 @@ def run(*, model: str, data_dir, out_dir, loss: str = "aoq", candidates_dir=None
         dataset = OfflineNegativeDataset(pairs, cands.i2t, cands.t2i, k, source=candidates_dir)
         kwargs = {"dataset": dataset, "collate_fn": collate_offline,
                   "objective": make_objective(aoq, passes)}
-        meta.update(offcandisize=k, aoq={k2: getattr(aoq, k2) for k2 in aoq.__dataclass_fields__})
+        meta.update(offcandisize=k, aoq=dataclasses.asdict(aoq))
         if refresh_every:
             refresh = CandidateRefresh(dataset, train, vocab, refresh_every, cands.k_i2t,
                                        cands.k_t2i, out_dir, "train",

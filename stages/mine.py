@@ -16,17 +16,14 @@ dask cluster) -> false-negative filters (:func:`_filter`, off by default) -> wri
 from __future__ import annotations
 
 import dataclasses
-
 import json
-import math
 import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.errors import InputError
+from pipeline.io import jsonable
 from pipeline.mining.embed import CAP_FILE, IMG_FILE, META_FILE
 from pipeline.mining.mine import MineConfig, mine_embeddings, open_embedding_pair
 
@@ -143,24 +140,10 @@ def _filter(knn, img, cap, fcfg, k_i2t: int, k_t2i: int, *, data_dir, split) -> 
         from pipeline.data.scene_graphs import load_graphs
 
         meta["true_false_negatives_removed"] = count_false_negatives(report, load_graphs(data_dir, split))
-    return knn, _jsonable(meta)
+    return knn, jsonable(meta)
 
 
 # --------------------------------------------------------------------------- run
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)
-
-
 def run(*, out_dir, cfg: MineConfig | None = None, name: str | None = None, img_embs=None,
         cap_embs=None, embeddings_dir=None, checkpoint=None, data_dir=None,
         split: str = "train", embed_options: dict | None = None, summary_json=None,
@@ -207,7 +190,7 @@ def run(*, out_dir, cfg: MineConfig | None = None, name: str | None = None, img_
     seconds = time.perf_counter() - t0
     k1, k2 = int(knn.i2t.shape[1]), int(knn.t2i.shape[1])
     flop = 2.0 * n_img * n_cap * dim
-    stats = _jsonable(knn.stats)
+    stats = jsonable(knn.stats)
     meta = {
         "checkpoint_hash": (emb_meta or {}).get("checkpoint_hash"),
         "source": {
@@ -230,7 +213,7 @@ def run(*, out_dir, cfg: MineConfig | None = None, name: str | None = None, img_
         "stats": stats,
     }
     files = write_candidates(out_dir, name,
-                             Candidates(knn.i2t, knn.t2i, knn.i2t_scores, knn.t2i_scores, meta=meta),
+                             Candidates.from_knn(knn, meta=meta),
                              meta)
     summary = {
         "name": name, "n_img": n_img, "n_cap": n_cap, "dim": dim,

@@ -62,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.device import resolve_device
 from pipeline.errors import InputError
 from pipeline.mining.reference import KnnResult, canonical_dot, validate_inputs
 
@@ -252,10 +253,10 @@ def mine_distributed(img, cap, k_i2t: int, k_t2i: int, client, *,
     if unknown:
         raise InputError(None, f"unknown mining option(s) for the distributed run: "
                                f"{', '.join(unknown)} (allowed: {', '.join(_MINE_OPTIONS)})")
-    from pipeline.mining.knn_torch import _as_device, _check_options
+    from pipeline.mining.knn_torch import _check_options
     _check_options(mine_kwargs.get("precision", "bf16"), mine_kwargs.get("row_block", 4096),
                    mine_kwargs.get("col_block", 8192))
-    _as_device(mine_kwargs.get("device", "cpu"))
+    resolve_device(mine_kwargs.get("device", "cpu"))
 
     paths = {}
     arrays = []
@@ -399,7 +400,7 @@ def embed_distributed(checkpoint, data_dir, split: str, out_dir, client, *,
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise InputError(None, f"{name} must be a positive integer, got {v!r}")
     t0 = time.perf_counter()
-    embed._check_device(device)
+    resolve_device(device)
     # Validate here (fast, clear errors) before any worker starts on it.
     model, vocab, cfg = load_checkpoint(checkpoint, "cpu")
     if getattr(model, "kind", "indep") != "indep":

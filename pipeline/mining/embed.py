@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from pipeline.device import resolve_device
 from pipeline.embeddings import encode_caption_range, encode_image_range  # noqa: F401 (re-exported for scale-out)
 from pipeline.errors import InputError
 from pipeline.io import temp_beside
@@ -54,7 +54,7 @@ def embed_split(checkpoint, data_dir, split: str, out_dir, *, batch_size: int = 
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise InputError(None, f"{name} must be a positive integer, got {v!r}")
     t0 = time.perf_counter()
-    _check_device(device)
+    resolve_device(device)
     model, vocab, cfg = load_checkpoint(checkpoint, device)
     if getattr(model, "kind", "indep") != "indep":
         raise InputError(checkpoint, f"model {getattr(model, 'name', '?')!r} is a cross-attention "
@@ -145,10 +145,3 @@ def publish_embeddings(out_dir: Path, img_tmp: Path, cap_tmp: Path, *, checkpoin
     return meta
 
 
-def _check_device(device: str) -> None:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(None, f"unknown device {device!r} ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(None, f"device {device!r} requested but CUDA is not available")

@@ -129,6 +129,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from pipeline.device import resolve_device
 from pipeline.errors import InputError
 from pipeline.mining.reference import (FLOAT32_LOWEST, U64, KnnResult, canonical_dot, gamma,
                                        rescore_delta, shared_tensor, validate_inputs)
@@ -917,7 +918,7 @@ def mine_torch(img, cap, k_i2t: int, k_t2i: int, *, precision: str = "auto",
     _check_options(precision, row_block, col_block)
     img32, cap32, k1, k2 = validate_inputs(img, cap, k_i2t, k_t2i)
     n_i, d = img32.shape
-    dev = _as_device(device)
+    dev = resolve_device(device)
     if precision == "auto":
         precision = _pick_precision(d, dev)
     stats: dict = {"backend": "torch", "precision": precision, "device": str(dev),
@@ -937,16 +938,6 @@ def _check_options(precision, row_block, col_block):
     for name, v in (("row_block", row_block), ("col_block", col_block)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
             raise InputError(None, f"{name} must be a positive integer, got {v!r}")
-
-
-def _as_device(device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InputError(None, f"unknown device {device!r}: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(None, f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def mine_torch_block(img, cap, start: int, stop: int, k_i2t: int, k_t2i: int, *,
@@ -989,7 +980,7 @@ def mine_torch_block(img, cap, start: int, stop: int, k_i2t: int, k_t2i: int, *,
         raise InputError(None, f"image block {start}:{stop} is not a non-empty range "
                                f"within 0:{n_i}")
     start, stop = int(start), int(stop)
-    dev = _as_device(device)
+    dev = resolve_device(device)
     if precision == "auto":
         precision = _pick_precision(d, dev)
     stats: dict = {"backend": "torch", "precision": precision, "device": str(dev),

@@ -23,14 +23,13 @@ Composition categories (a candidate may be both sibling and false negative):
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.io import atomic_path, write_text
+from pipeline.io import atomic_path, jsonable, write_text
 from pipeline.mining.filters import CAPS_PER_IMAGE, FactIndex
 
 DEFAULT_BUCKETS = (1, 5, 10, 20, 50, 100, 300, 1000, 2000)
@@ -188,22 +187,6 @@ def _examples(d: str, ids: np.ndarray, scores, captions, idx: FactIndex | None) 
     return lines
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if x is None or isinstance(x, (str, int, float, bool)):
-        return x
-    return str(x)
-
-
 def candidates_report(cands, out_dir, *, graphs=None, captions: Sequence[str] | None = None,
                       buckets: Sequence[int] = DEFAULT_BUCKETS, name: str | None = None) -> dict:
     """Write the report files for ``cands`` (a ``Candidates``-like object: ``i2t``, ``t2i``,
@@ -232,7 +215,7 @@ def candidates_report(cands, out_dir, *, graphs=None, captions: Sequence[str] | 
 
     name = name or meta.get("name")
     result: dict = {"name": name, "shapes": {"i2t": list(i2t.shape), "t2i": list(t2i.shape)},
-                    "n_images": int(n_i), "n_captions": int(n_c), "meta": _jsonable(meta),
+                    "n_images": int(n_i), "n_captions": int(n_c), "meta": jsonable(meta),
                     "buckets_requested": [int(b) for b in buckets],
                     "scene_graphs": idx is not None}
     md_sections: list[str] = []
