@@ -1,5 +1,6 @@
 """AOQ ablation on the embedded data set: triplet vs OffTri vs OffQuin vs AOQ (and AOQ with
-candidate refresh, and triplet given AOQ's wall-clock time), several seeds, per model.
+candidate refresh every `--refresh-steps` optimizer steps, and triplet given AOQ's
+wall-clock time), several seeds, per model.
 
 Every run fine-tunes the same base checkpoint of its model with the same epochs and the
 recipe of params.yaml (finetune.models.<model>.train, seed replaced), and is scored on the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -32,21 +34,31 @@ from mining import cpu_model  # noqa: E402  (benchmarks/mining.py: the same CPU 
 VARIANTS = ("triplet", "offtri", "offquin", "aoq", "aoq+refresh", "triplet (AOQ wall-clock)")
 
 
-def finetune_and_score(model, base, data, candidates, loss, out, *, seed, epochs, train, refresh=0,
-                       model_options=None, init=None):
+def finetune_and_score(model, base, data, candidates, loss, out, *, seed, epochs, train,
+                       refresh_steps=0, model_options=None, init=None):
     from stages import evaluate, finetune
 
     t0 = time.perf_counter()
     finetune.run(model=model, data_dir=data, out_dir=out, loss=loss, candidates_dir=candidates,
                  init=init or base, model_options=model_options,
                  train_options={**train, "epochs": epochs, "seed": seed},
-                 refresh_every=refresh, progress=False)
+                 refresh_every_steps=refresh_steps, progress=False)
     seconds = time.perf_counter() - t0
     res = evaluate.run(checkpoint=Path(out) / "checkpoint", data_dir=data, split="test",
                        protocol="full", out_json=None, groups_json=None, device="cpu",
                        batch_size=256, progress=False)
     return {"rsum": res["metrics"]["rsum"], "family_rsum": res["groups"]["family"]["rsum"],
             "seconds": seconds}
+
+
+def quarter_epoch_steps(model, data, train) -> int:
+    """A quarter of an epoch's optimizer steps, rounded up: even a 1-epoch fine-tune
+    refreshes its candidates a few times."""
+    from pipeline.data.precomp import open_split
+    from stages.train_base import settings_for
+
+    steps = open_split(data, "train").n_captions // settings_for(model, train).batch_size
+    return max(1, math.ceil(steps / 4))
 
 
 def step_times(model_name, base, data, candidates, *, steps: int, batch_size: int,
@@ -119,6 +131,9 @@ def main(argv=None) -> int:
                     help="triplet epochs of the base of an init: scratch model")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--step-steps", type=int, default=10, help="steps per step-time measurement")
+    ap.add_argument("--refresh-steps", type=int, default=None,
+                    help="aoq+refresh re-mines the candidates every N optimizer steps "
+                         "[default: a quarter of an epoch, rounded up]")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps-only", action="store_true", help="only the step-time measurement")
     ap.add_argument("--out", default="artifacts/bench/aoq")
@@ -159,7 +174,7 @@ def main(argv=None) -> int:
             for v in args.variants:
                 kw = dict(seed=seed, epochs=epochs, train=train)
                 if v == "aoq+refresh":
-                    kw["refresh"] = 1
+                    kw["refresh_steps"] = args.refresh_steps or quarter_epoch_steps(model, data, train)
                 if v.startswith("triplet (AOQ"):
                     if "aoq" not in done or "triplet" not in done:
                         continue  # defined relative to those two
@@ -168,14 +183,15 @@ def main(argv=None) -> int:
                     st = r["step_seconds"]
                     kw["epochs"] = max(epochs, round(epochs * st["aoq_batched"] / st["triplet"]))
                 loss = v.split("+")[0].split(" ")[0]
-                earlier = [x for x in prev.get(v, []) if x.get("seed") == seed]
+                earlier = [x for x in prev.get(v, []) if x.get("seed") == seed
+                           and x.get("refresh_steps") == kw.get("refresh_steps")]
                 if earlier:
                     done[v] = earlier[0]
                     r["runs"][v].append(earlier[0])
                     continue
                 res = finetune_and_score(model, base, data, candidates, loss,
                                          out / model / f"{v.replace(' ', '_')}-s{seed}", **kw)
-                res.update(epochs=kw["epochs"], seed=seed)
+                res.update(epochs=kw["epochs"], seed=seed, refresh_steps=kw.get("refresh_steps"))
                 done[v] = res
                 r["runs"][v].append(res)
                 print(f"{model} seed {seed} {v}: {res}", flush=True)

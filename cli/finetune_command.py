@@ -24,6 +24,8 @@ from pipeline.losses.aoq import LOSSES
                    "(reference: 300 for COCO).  [default: 300 scaled to the gallery, floor 10]")
 @click.option("--refresh-every", type=int, default=None,
               help="Re-mine the candidates with the model being trained every N epochs (0: never).")
+@click.option("--refresh-every-steps", type=int, default=None,
+              help="Re-mine them every N optimizer steps instead (0: never; not with --refresh-every).")
 @click.option("--alpha", type=float, default=None, help="AOQ weight scale α.  [default: 0.3]")
 @click.option("--beta", type=float, default=None, help="AOQ weight offset β.  [default: 1.5]")
 @click.option("--offline-margin", type=float, default=None, help="Margin of the offline terms.  [default: 0]")
@@ -47,9 +49,9 @@ from pipeline.losses.aoq import LOSSES
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--crash-after-steps", type=int, default=None, hidden=True)  # resume tests
 def finetune(model, loss, candidates_dir, init, data_dir, out_dir, epochs, batch_size, lr, seed,
-             offcandisize, refresh_every, alpha, beta, offline_margin, mask_accidental_positives,
-             detach_weights, passes, model_opts, train_opts, device, resume, params_file, section, quiet,
-             crash_after_steps):
+             offcandisize, refresh_every, refresh_every_steps, alpha, beta, offline_margin,
+             mask_accidental_positives, detach_weights, passes, model_opts, train_opts, device, resume,
+             params_file, section, quiet, crash_after_steps):
     """Train MODEL with offline hard negatives from CANDIDATES (AOQ, SPEC §4).
 
     With --params, the section's keys are defaults and its `models.<MODEL>` mapping
@@ -80,6 +82,7 @@ def finetune(model, loss, candidates_dir, init, data_dir, out_dir, epochs, batch
                        train_options=train_options, aoq_options=aoq_options,
                        offcandisize=pick(offcandisize, p, "offcandisize", None),
                        refresh_every=int(pick(refresh_every, p, "refresh_every", 0) or 0),
+                       refresh_every_steps=int(pick(refresh_every_steps, p, "refresh_every_steps", 0) or 0),
                        passes=pick(passes, p, "passes", "batched"),
                        device=pick(device, p, "device", "cpu"), resume=resume,
                        progress=not quiet, kill_after_steps=crash_after_steps)

@@ -10,6 +10,8 @@ anchors only. Independent and cross-attention models alike score the offline pai
 """
 from __future__ import annotations
 
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from pipeline.losses.aoq import AOQSettings, aoq_loss
 from pipeline.losses.triplet import same_image_mask
 
 PASSES = ("batched", "three")
+_STEP_DIR = re.compile(r"step-(\d{8})")
 
 
 def encode_quintuplets(model, batch: dict, passes: str = "batched"):
@@ -68,17 +71,20 @@ def make_objective(aoq: AOQSettings, passes: str = "batched"):
 
 
 class CandidateRefresh:
-    """Trainer `on_epoch_end` hook: every `every` epochs, re-embed the training split with
-    the model being trained, re-mine the candidates (pipeline.mining) and hand them to the
-    dataset. The new files go to `out_dir/refreshed` (a resumed run reloads them)."""
+    """Re-embeds the training split with the model being trained, re-mines the candidates
+    (pipeline.mining, same K) and hands them to the dataset: every `every` epochs
+    (`on_epoch_end`) or every `every_steps` optimizer steps (`on_step_end`), never after
+    the last step. The refresh after global step s is written to
+    `out_dir/refreshed/step-<s, 8 digits>/`; `start` (the Trainer's on_start) puts the
+    newest one at or below the resumed step back into the dataset."""
 
-    def __init__(self, dataset: OfflineNegativeDataset, split, vocab, every: int, k_i2t: int,
-                 k_t2i: int, out_dir: str | Path, name: str, *, precision: str = "auto",
-                 device: str = "cpu", batch_size: int = 256):
+    def __init__(self, dataset: OfflineNegativeDataset, split, vocab, k_i2t: int, k_t2i: int,
+                 out_dir: str | Path, name: str, *, every: int = 0, every_steps: int = 0,
+                 precision: str = "auto", device: str = "cpu", batch_size: int = 256):
         self.dataset = dataset
         self.split = split
         self.vocab = vocab
-        self.every = int(every)
+        self.every, self.every_steps = int(every), int(every_steps)
         self.k_i2t, self.k_t2i = int(k_i2t), int(k_t2i)
         self.folder = Path(out_dir) / "refreshed"
         self.name = name
@@ -86,13 +92,19 @@ class CandidateRefresh:
         self.device = device
         self.batch_size = batch_size
 
-    def due(self, epochs_done: int, total: int) -> bool:
-        return self.every > 0 and epochs_done % self.every == 0 and epochs_done < total
-
-    def __call__(self, trainer) -> dict:
+    def on_epoch_end(self, trainer) -> dict:
         done = trainer.epoch + 1
-        if not self.due(done, trainer.s.epochs):
-            return {"refreshed": 0}
+        if self.every and done % self.every == 0 and done < trainer.s.epochs:
+            return self.refresh(trainer)
+        return {"refreshed": 0, "refresh_seconds": 0.0}
+
+    def on_step_end(self, trainer) -> dict | None:
+        step = trainer.global_step
+        if self.every_steps and step % self.every_steps == 0 and step < trainer.total_steps:
+            return self.refresh(trainer)
+        return None
+
+    def refresh(self, trainer) -> dict:
         from pipeline.mining import mine_torch
         from pipeline.mining.candidates import Candidates, write_candidates
 
@@ -101,17 +113,32 @@ class CandidateRefresh:
                                 device=str(trainer.device))
         knn = mine_torch(img, cap, self.k_i2t, self.k_t2i, precision=self.precision,
                          device=self.device, progress=False)
-        write_candidates(self.folder, self.name,
-                         Candidates.from_knn(knn, meta={"refreshed_after_epoch": done}))
+        step = trainer.global_step
+        meta = {"refreshed_after_step": step, "epoch": trainer.epoch + 1}
+        write_candidates(self.folder / f"step-{step:08d}", self.name,
+                         Candidates.from_knn(knn, meta=meta))
         self.dataset.i2t, self.dataset.t2i = knn.i2t, knn.t2i  # exact by construction: no re-read
+        # the previous refresh stays: the last saved state may still predate this one
+        for _, old in self.saved()[:-2]:
+            shutil.rmtree(old)
         return {"refreshed": 1, "refresh_seconds": time.perf_counter() - t0}
 
-    def load(self) -> bool:
-        """Use the last refreshed candidates, if any (resume)."""
+    def saved(self) -> list[tuple[int, Path]]:
+        """(step, folder) of the refreshes on disk, oldest first."""
+        found = [(int(m.group(1)), d) for d in self.folder.glob("step-*")
+                 if d.is_dir() and (m := _STEP_DIR.fullmatch(d.name))]
+        return sorted(found)
+
+    def start(self, trainer) -> None:
+        """Use the candidates as they were at the (resumed) global step; refreshes past it
+        come from a run that went further (or an earlier run in the same folder) and go."""
         from pipeline.mining.candidates import load_candidates
 
-        if not (self.folder / f"i2t_{self.name}.npy").is_file():
-            return False
-        c = load_candidates(self.folder, self.name, n_images=self.split.n_images, mmap=False)
-        self.dataset.i2t, self.dataset.t2i = c.i2t, c.t2i
-        return True
+        saved = self.saved()
+        keep = [d for step, d in saved if step <= trainer.global_step][-1:]
+        for _, d in saved:
+            if d not in keep:
+                shutil.rmtree(d)
+        if keep:
+            c = load_candidates(keep[0], self.name, n_images=self.split.n_images, mmap=False)
+            self.dataset.i2t, self.dataset.t2i = c.i2t, c.t2i

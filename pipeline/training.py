@@ -125,10 +125,17 @@ class Trainer:
                  out_dir: str | Path, *, device: str = "cpu", progress: bool = True,
                  objective: Objective = triplet_objective, meta: dict | None = None,
                  dataset=None, collate_fn=collate_pairs,
-                 on_epoch_end: Callable[["Trainer"], dict] | None = None):
+                 on_epoch_end: Callable[["Trainer"], dict] | None = None,
+                 on_step_end: Callable[["Trainer"], dict | None] | None = None,
+                 on_start: Callable[["Trainer"], None] | None = None):
         """`dataset` (default: a PairDataset of train_split) must offer set_epoch(epoch);
         `on_epoch_end(trainer)` runs after each epoch's evaluation and returns extra
-        columns for that epoch's log row (e.g. a candidate refresh)."""
+        columns for that epoch's log row (e.g. a candidate refresh).
+        `on_step_end(trainer)` runs after every optimizer step; a non-empty dict means it
+        changed the dataset: the loader is rebuilt for the rest of the epoch, the state is
+        saved, and the dict's numbers are summed into the epoch's log row.
+        `on_start(trainer)` runs once before the first step, after a resume state was
+        loaded (to restore what the state does not hold, e.g. refreshed candidates)."""
         self.model = model
         self.vocab = vocab
         self.train_split = train_split
@@ -150,12 +157,15 @@ class Trainer:
             token_aug=settings.token_aug, seed=settings.seed)
         self.collate_fn = collate_fn
         self.on_epoch_end = on_epoch_end
+        self.on_step_end = on_step_end
+        self.on_start = on_start
         # position and bookkeeping
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
         self.epoch_loss_sum = 0.0
         self.epoch_log_sums: dict[str, float] = {}  # the objective's logs, summed over the epoch
+        self.epoch_hook_sums: dict[str, float] = {}  # on_step_end's numbers, summed over the epoch
         self.best_rsum = -math.inf
         self.best_epoch = -1
         self.history: list[dict] = []
@@ -164,6 +174,11 @@ class Trainer:
     @property
     def state_dir(self) -> Path:
         return self.out / "state"
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (every epoch drops its incomplete batch)."""
+        return self.s.epochs * (len(self.dataset) // self.s.batch_size)
 
     def save_state(self) -> None:
         opt = self.optimizer.state_dict()
@@ -181,7 +196,7 @@ class Trainer:
         trainer = {
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step, "epoch_loss_sum": self.epoch_loss_sum,
-            "epoch_log_sums": self.epoch_log_sums,
+            "epoch_log_sums": self.epoch_log_sums, "epoch_hook_sums": self.epoch_hook_sums,
             "best_rsum": self.best_rsum if math.isfinite(self.best_rsum) else None,
             "best_epoch": self.best_epoch, "history": self.history,
             "settings": dataclasses.asdict(self.s), "model_config": self.model.config,
@@ -226,6 +241,7 @@ class Trainer:
         self.global_step = trainer["global_step"]
         self.epoch_loss_sum = trainer["epoch_loss_sum"]
         self.epoch_log_sums = trainer.get("epoch_log_sums", {})
+        self.epoch_hook_sums = trainer.get("epoch_hook_sums", {})
         self.best_rsum = trainer["best_rsum"] if trainer["best_rsum"] is not None else -math.inf
         self.best_epoch = trainer["best_epoch"]
         self.history = trainer["history"]
@@ -264,6 +280,8 @@ class Trainer:
             tqdm.write(f"resuming at epoch {self.epoch + 1}, step {self.step_in_epoch}")
         else:
             torch.manual_seed(self.s.seed)
+        if self.on_start is not None:
+            self.on_start(self)
         s = self.s
         while self.epoch < s.epochs:
             t0 = time.perf_counter()
@@ -274,37 +292,46 @@ class Trainer:
             batches = epoch_batches(len(self.dataset), s.batch_size, s.seed, self.epoch)
             if not batches:
                 raise InputError(None, f"batch_size {s.batch_size} exceeds the {len(self.dataset)} training captions")
-            loader = DataLoader(self.dataset, batch_sampler=batches[self.step_in_epoch:],
-                                collate_fn=self.collate_fn, num_workers=s.num_workers,
-                                generator=torch.Generator(),  # keep the global RNG untouched
-                                worker_init_fn=_worker_init if s.num_workers else None)
             self.model.train()
-            bar = progress(loader, total=len(batches), initial=self.step_in_epoch,
-                       desc=f"epoch {self.epoch + 1}/{s.epochs}", disable=not self.progress)
-            for batch in bar:
-                loss, logs = self.objective(self.model, _to(batch, self.device),
-                                            epoch=self.epoch, settings=s)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"non-finite loss at epoch {self.epoch + 1} step {self.step_in_epoch}")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if s.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
-                self.optimizer.step()
-                self.step_in_epoch += 1
-                self.global_step += 1
-                self.epoch_loss_sum += float(loss.detach())
-                for k, v in logs.items():
-                    self.epoch_log_sums[k] = self.epoch_log_sums.get(k, 0.0) + v
-                bar.set_postfix(loss=f"{self.epoch_loss_sum / self.step_in_epoch:.3f}", lr=f"{lr:.1e}")
-                if s.save_every_steps and self.global_step % s.save_every_steps == 0 \
-                        and self.step_in_epoch < len(batches):
-                    self.save_state()
-                if kill_after_steps is not None and self.global_step >= kill_after_steps:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if stop_after_steps is not None and self.global_step >= stop_after_steps:
-                    bar.close()
-                    return {"stopped_at_step": self.global_step}
+            bar = progress(total=len(batches), initial=self.step_in_epoch,
+                           desc=f"epoch {self.epoch + 1}/{s.epochs}", disable=not self.progress)
+            while self.step_in_epoch < len(batches):
+                # a new loader after on_step_end changed the dataset: workers hold a copy of it
+                loader = DataLoader(self.dataset, batch_sampler=batches[self.step_in_epoch:],
+                                    collate_fn=self.collate_fn, num_workers=s.num_workers,
+                                    generator=torch.Generator(),  # keep the global RNG untouched
+                                    worker_init_fn=_worker_init if s.num_workers else None)
+                for batch in loader:
+                    loss, logs = self.objective(self.model, _to(batch, self.device),
+                                                epoch=self.epoch, settings=s)
+                    if not torch.isfinite(loss):
+                        raise RuntimeError(f"non-finite loss at epoch {self.epoch + 1} "
+                                           f"step {self.step_in_epoch}")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if s.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+                    self.optimizer.step()
+                    self.step_in_epoch += 1
+                    self.global_step += 1
+                    self.epoch_loss_sum += float(loss.detach())
+                    for k, v in logs.items():
+                        self.epoch_log_sums[k] = self.epoch_log_sums.get(k, 0.0) + v
+                    bar.update()
+                    bar.set_postfix(loss=f"{self.epoch_loss_sum / self.step_in_epoch:.3f}",
+                                    lr=f"{lr:.1e}")
+                    changed = self._step_hook()
+                    save_due = s.save_every_steps and self.global_step % s.save_every_steps == 0
+                    # after a dataset change too: a resume must start from the new data
+                    if (changed or save_due) and self.step_in_epoch < len(batches):
+                        self.save_state()
+                    if kill_after_steps is not None and self.global_step >= kill_after_steps:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    if stop_after_steps is not None and self.global_step >= stop_after_steps:
+                        bar.close()
+                        return {"stopped_at_step": self.global_step}
+                    if changed:
+                        break
             bar.close()
             dev = self.evaluate_dev()
             row = {"epoch": self.epoch + 1, "lr": lr,
@@ -315,6 +342,8 @@ class Trainer:
                    "seconds": time.perf_counter() - t0}
             if self.on_epoch_end is not None:
                 row.update(self.on_epoch_end(self))
+            for k, v in self.epoch_hook_sums.items():
+                row[k] = row.get(k, 0) + v
             self.history.append(row)
             improved = dev["rsum"] > self.best_rsum
             if improved:
@@ -329,10 +358,21 @@ class Trainer:
             self.step_in_epoch = 0
             self.epoch_loss_sum = 0.0
             self.epoch_log_sums = {}
+            self.epoch_hook_sums = {}
             self.write_logs()
             self.save_state()
         return {"best_epoch": self.best_epoch, "best_dev_rsum": self.best_rsum,
                 "checkpoint": str(self.out / "checkpoint")}
+
+    def _step_hook(self) -> bool:
+        """Run on_step_end; True when it changed the dataset."""
+        if self.on_step_end is None:
+            return False
+        out = self.on_step_end(self)
+        self.model.train()  # the hook may have embedded with the model in eval mode
+        for k, v in (out or {}).items():
+            self.epoch_hook_sums[k] = self.epoch_hook_sums.get(k, 0) + v
+        return bool(out)
 
 
 def _fmt(v) -> str:

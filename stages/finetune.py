@@ -45,12 +45,24 @@ def _initial_model(model: str, init: str, img_dim: int, data_dir, model_options:
     return net, vocab
 
 
+def _refresh_flag(every: int, every_steps: int) -> str | None:
+    """The refresh option in use (None: no refresh); at most one may be given."""
+    for flag, n in (("--refresh-every", every), ("--refresh-every-steps", every_steps)):
+        if n < 0:
+            raise InputError(flag, f"must be >= 0, got {n}")
+    if every and every_steps:
+        raise InputError("--refresh-every-steps", "give --refresh-every (epochs) or "
+                                                  "--refresh-every-steps, not both")
+    return "--refresh-every" if every else "--refresh-every-steps" if every_steps else None
+
+
 def run(*, model: str, data_dir, out_dir, loss: str = "aoq", candidates_dir=None,
         init: str = "scratch", model_options: dict | None = None, train_options: dict | None = None,
         aoq_options: dict | None = None, offcandisize: int | None = None, refresh_every: int = 0,
-        refresh_precision: str = "auto", passes: str = "batched", device: str = "cpu",
-        resume: bool = False, progress: bool = True, stop_after_steps: int | None = None,
-        kill_after_steps: int | None = None) -> dict:
+        refresh_every_steps: int = 0, refresh_precision: str = "auto", passes: str = "batched",
+        device: str = "cpu", resume: bool = False, progress: bool = True,
+        stop_after_steps: int | None = None, kill_after_steps: int | None = None) -> dict:
+    refresh_flag = _refresh_flag(refresh_every, refresh_every_steps)
     settings = settings_for(model, {**FINETUNE_DEFAULTS, **(train_options or {})})
     aoq = AOQSettings(loss=loss, margin=settings.margin, max_violation=settings.max_violation,
                       mask_same_image=settings.mask_same_image, **(aoq_options or {})).check("--loss")
@@ -80,16 +92,16 @@ def run(*, model: str, data_dir, out_dir, loss: str = "aoq", candidates_dir=None
         kwargs = {"dataset": dataset, "collate_fn": collate_offline,
                   "objective": make_objective(aoq, passes)}
         meta.update(offcandisize=k, aoq=dataclasses.asdict(aoq))
-        if refresh_every:
-            refresh = CandidateRefresh(dataset, train, vocab, refresh_every, cands.k_i2t,
-                                       cands.k_t2i, out_dir, "train",
+        if refresh_flag:
+            refresh = CandidateRefresh(dataset, train, vocab, cands.k_i2t, cands.k_t2i, out_dir,
+                                       "train", every=refresh_every, every_steps=refresh_every_steps,
                                        precision=refresh_precision, device=device)
-            if resume:
-                refresh.load()
-            kwargs["on_epoch_end"] = refresh
-            meta["refresh_every"] = int(refresh_every)
-    elif refresh_every:
-        raise InputError("--refresh-every", "the triplet loss uses no candidates to refresh")
+            kwargs.update(on_start=refresh.start, on_epoch_end=refresh.on_epoch_end,
+                          on_step_end=refresh.on_step_end if refresh_every_steps else None)
+            meta.update(refresh_every=int(refresh_every),
+                        refresh_every_steps=int(refresh_every_steps))
+    elif refresh_flag:
+        raise InputError(refresh_flag, "the triplet loss uses no candidates to refresh")
     trainer = Trainer(net, vocab, train, dev, settings, out_dir, device=device, progress=progress,
                       meta=meta, **kwargs)
     return trainer.run(resume=resume, stop_after_steps=stop_after_steps,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -101,7 +102,7 @@ def resolve_name(name, data_dir, emb_meta) -> str:
 
 # --------------------------------------------------------------------------- k-NN, filters
 def _knn(img, cap, cfg: MineConfig, progress: bool, *, img_path=None, cap_path=None,
-         scheduler=None, workers=None):
+         scheduler=None, workers=None, scratch=None):
     """k-NN of both directions, in this process or sharded over a dask cluster."""
     if scheduler or workers:
         if cfg.backend != "torch":
@@ -114,7 +115,7 @@ def _knn(img, cap, cfg: MineConfig, progress: bool, *, img_path=None, cap_path=N
                                     precision=cfg.precision, device=cfg.device,
                                     row_block=int(cfg.row_block), col_block=int(cfg.col_block),
                                     progress=progress)
-    return mine_embeddings(img, cap, cfg, progress=progress)
+    return mine_embeddings(img, cap, cfg, progress=progress, scratch=scratch)
 
 
 def _filter(knn, img, cap, fcfg, k_i2t: int, k_t2i: int, *, data_dir, split) -> tuple:
@@ -151,8 +152,6 @@ def run(*, out_dir, cfg: MineConfig | None = None, name: str | None = None, img_
         progress: bool = True) -> dict:
     """Mine and write the candidate files. Returns a summary (also in ``summary_json``)."""
     from pipeline.io import write_json
-    from pipeline.mining.candidates import Candidates, write_candidates
-
     from pipeline.mining.filters import FilterConfig
 
     cfg = (cfg or MineConfig()).validate()
@@ -179,8 +178,37 @@ def run(*, out_dir, cfg: MineConfig | None = None, name: str | None = None, img_
     # with filters on, mine with headroom so every row still holds K afterwards
     mine_cfg = dataclasses.replace(cfg, k_i2t=min(k_i2t + fcfg.headroom(k_i2t), n_cap - 5),
                                    k_t2i=min(k_t2i + fcfg.headroom(k_t2i), n_img - 1))
-    knn = _knn(img, cap, mine_cfg, progress, img_path=img_path, cap_path=cap_path,
-               scheduler=scheduler, workers=workers)
+    # the pass works in memory-mapped files beside the outputs (removed at the end, also on
+    # an error), so a big training set does not need its candidates in private memory
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(out_dir, "output path exists and is not a folder")
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix=".mine-scratch-", dir=out_dir) as scratch:
+            knn = _knn(img, cap, mine_cfg, progress, img_path=img_path, cap_path=cap_path,
+                       scheduler=scheduler, workers=workers, scratch=scratch)
+            files, summary = _finish(knn, img, cap, cfg, fcfg, t0, out_dir=out_dir, name=name,
+                                     img_path=img_path, cap_path=cap_path, emb_meta=emb_meta,
+                                     data_dir=data_dir, split=split, checkpoint=checkpoint,
+                                     k_i2t=k_i2t, k_t2i=k_t2i)
+            del knn
+    except BaseException:
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()                  # leave nothing behind that was not there
+        raise
+    if summary_json:
+        write_json(summary_json, summary)
+    return summary
+
+
+def _finish(knn, img, cap, cfg, fcfg, t0, *, out_dir, name, img_path, cap_path, emb_meta,
+            data_dir, split, checkpoint, k_i2t, k_t2i):
+    """Filters (when on), metadata, and the candidate files."""
+    from pipeline.mining.candidates import Candidates, write_candidates
+
+    n_img, dim = (int(s) for s in img.shape)
+    n_cap = int(cap.shape[0])
     filters_meta = {}
     if fcfg.active():
         src_data = data_dir or (emb_meta or {}).get("data")
@@ -223,6 +251,4 @@ def run(*, out_dir, cfg: MineConfig | None = None, name: str | None = None, img_
         "seconds": round(seconds, 3), "gflops": round(flop / max(seconds, 1e-9) / 1e9, 2),
         "files": {k: str(v) for k, v in files.items()},
     }
-    if summary_json:
-        write_json(summary_json, summary)
-    return summary
+    return files, summary

@@ -133,6 +133,30 @@ def test_mine_cli_from_embeddings_equals_reference(emb_dir, embs, ckpt, tmp_path
     assert meta["precision"] in ("bf16", "fp16", "fp32")  # the default `auto`, resolved
     assert meta["k"] == {"i2t": 30, "t2i": 7} and meta["k_requested"] == {"i2t": 30, "t2i": 7}
     assert meta["filters"] == {} and meta["created_at"] and "tiles" in meta["stats"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(    # the scratch folder is gone
+        ["i2t_tiny.npy", "t2i_tiny.npy", "i2t_tiny.parquet", "t2i_tiny.parquet",
+         "candidates_tiny.json"])
+
+
+def test_mine_failure_leaves_nothing(emb_dir, tmp_path, capsys, monkeypatch):
+    import pipeline.mining.candidates as candidates
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(candidates, "write_candidates", broken)
+    out = tmp_path / "new" / "cands"
+    with pytest.raises(OSError):
+        main(["mine-candidates", "--quiet", "--embeddings-dir", str(emb_dir), "--out", str(out),
+              "--name", "x", "--k-i2t", "5", "--k-t2i", "2"])
+    assert not out.exists()                   # neither outputs nor the scratch folder
+    existing = tmp_path / "old"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("x")
+    with pytest.raises(OSError):
+        main(["mine-candidates", "--quiet", "--embeddings-dir", str(emb_dir), "--out",
+              str(existing), "--name", "x", "--k-i2t", "5", "--k-t2i", "2"])
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
 
 
 @pytest.mark.parametrize("backend,extra", [("torch", ["--precision", "fp32"]),

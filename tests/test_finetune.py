@@ -1,4 +1,7 @@
 """Offline-negative sampling, the one-pass quintuplet batch, and `itm-pipeline finetune`."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -195,7 +198,7 @@ def test_finetune_cli_runs_aoq_with_refresh_and_logs(tiny_data, cands_dir, tmp_p
     assert {"train_weight_negative", "train_off_it_active", "refreshed"} <= set(cols)
     refreshed = [r.split("\t")[cols.index("refreshed")] for r in rows]
     assert refreshed == ["1", "0"]  # after epoch 1; none after the last epoch
-    assert (out / "refreshed" / "i2t_train.npy").is_file()
+    assert (out / "refreshed" / "step-00000031" / "i2t_train.npy").is_file()  # 500 // 16 steps
     assert (out / "checkpoint" / "config.json").is_file()
 
 
@@ -216,3 +219,144 @@ def test_finetune_resume_is_exact(tiny_data, cands_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------ refresh within an epoch
+STEP_REFRESH = dict(model="vse_inf", loss="aoq", model_options={"embed_size": 16, "word_dim": 8},
+                    offcandisize=15, refresh_every_steps=10, progress=False)
+
+
+def _log_column(out, name):
+    header, *rows = (out / "train_log.tsv").read_text().splitlines()
+    i = header.split("\t").index(name)
+    return [r.split("\t")[i] for r in rows]
+
+
+def _state(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "state" / "state.safetensors"))
+
+
+def _assert_same_state(a, b):
+    wa, wb = _state(a), _state(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_step_refresh_logs_folders_and_worker_loaders(tiny_data, cands_dir, tmp_path):
+    from stages import finetune
+
+    assert main(_args(tiny_data, tmp_path / "a", "--candidates", str(cands_dir),
+                      "--offcandisize", "15", "--refresh-every-steps", "10")) == 0
+    # 31 steps: refreshes after steps 10, 20 and 30; the oldest folder is pruned
+    assert _log_column(tmp_path / "a", "refreshed") == ["3"]
+    assert float(_log_column(tmp_path / "a", "refresh_seconds")[0]) > 0
+    assert sorted(p.name for p in (tmp_path / "a" / "refreshed").iterdir()) == [
+        "step-00000020", "step-00000030"]
+    # a worker process holds a copy of the dataset: only a rebuilt loader sees the refresh
+    finetune.run(out_dir=tmp_path / "w", data_dir=tiny_data, candidates_dir=cands_dir,
+                 train_options={"epochs": 1, "batch_size": 16, "num_workers": 1}, **STEP_REFRESH)
+    _assert_same_state(tmp_path / "a", tmp_path / "w")
+
+
+def test_step_refresh_skips_the_last_step_and_logs_zero(tiny_data, cands_dir, tmp_path):
+    from stages import finetune
+
+    finetune.run(out_dir=tmp_path / "r", data_dir=tiny_data, candidates_dir=cands_dir,
+                 train_options={"epochs": 2, "batch_size": 16},
+                 **{**STEP_REFRESH, "refresh_every_steps": 31})  # the end of each epoch
+    assert _log_column(tmp_path / "r", "refreshed") == ["1", "0"]
+    assert _log_column(tmp_path / "r", "refresh_seconds")[1] == "0"
+    assert [p.name for p in (tmp_path / "r" / "refreshed").iterdir()] == ["step-00000031"]
+
+
+def test_step_refresh_mines_the_model_of_that_step(tiny_data, cands_dir, split_vocab, tmp_path):
+    from pipeline.embeddings import encode_split
+    from pipeline.mining import mine_torch
+    from pipeline.mining.candidates import load_candidates
+    from stages import finetune
+
+    out = tmp_path / "run"
+    res = finetune.run(out_dir=out, data_dir=tiny_data, candidates_dir=cands_dir,
+                       train_options={"epochs": 1, "batch_size": 16}, stop_after_steps=10,
+                       **STEP_REFRESH)
+    assert res == {"stopped_at_step": 10}
+    state = json.loads((out / "state" / "trainer.json").read_text())
+    assert state["global_step"] == 10  # saved right after the refresh
+    split, vocab = split_vocab
+    model = create_model("vse_inf", img_dim=split.feature_dim, vocab_size=len(vocab),
+                         embed_size=16, word_dim=8)
+    model.load_state_dict({k[6:]: v for k, v in _state(out).items() if k.startswith("model.")})
+    img, cap = encode_split(model, split, vocab, batch_size=256)
+    knn = mine_torch(img, cap, 30, 8)
+    got = load_candidates(out / "refreshed" / "step-00000010", "train", n_images=100)  # validates
+    assert np.array_equal(got.i2t, knn.i2t) and np.array_equal(got.t2i, knn.t2i)
+    before = load_candidates(cands_dir, n_images=100)
+    assert not np.array_equal(got.i2t, before.i2t)
+    assert got.meta["refreshed_after_step"] == 10
+
+
+def test_step_refresh_resume_is_exact(tiny_data, cands_dir, tmp_path):
+    """Stops right after a refresh, and between two (the state of step 42, the candidates
+    of step 40), with a stale folder past the state; every resume ends like the full run."""
+    import shutil
+
+    from stages import finetune
+
+    common = dict(STEP_REFRESH, data_dir=tiny_data, candidates_dir=cands_dir,
+                  train_options={"epochs": 2, "batch_size": 16, "save_every_steps": 7})
+    full = tmp_path / "full"
+    finetune.run(out_dir=full, **common)
+    assert _log_column(full, "refreshed") == ["3", "3"]  # 10 20 30 | 40 50 60 of 62
+    for stop in (10, 47):
+        out = tmp_path / f"stop{stop}"
+        finetune.run(out_dir=out, stop_after_steps=stop, **common)
+        if stop == 47:
+            assert json.loads((out / "state" / "trainer.json").read_text())["global_step"] == 42
+            shutil.copytree(out / "refreshed" / "step-00000030", out / "refreshed" / "step-00000045")
+        finetune.run(out_dir=out, resume=True, **common)
+        _assert_same_state(full, out)
+        assert _log_column(out, "refreshed") == ["3", "3"]
+        assert _log_column(out, "train_loss") == _log_column(full, "train_loss")
+        assert sorted(p.name for p in (out / "refreshed").iterdir()) == [
+            "step-00000050", "step-00000060"]
+
+
+def test_finetune_cli_refuses_both_refresh_options(tiny_data, cands_dir, tmp_path, capsys):
+    rc = main(_args(tiny_data, tmp_path / "run", "--candidates", str(cands_dir),
+                    "--refresh-every", "1", "--refresh-every-steps", "10"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--refresh-every-steps" in err
+    rc = main(_args(tiny_data, tmp_path / "run", "--loss", "triplet", "--refresh-every-steps", "10"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "no candidates" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_ablation_refreshes_every_quarter_epoch(tiny_data, cands_dir, tmp_path, monkeypatch):
+    """benchmarks/aoq_ablation.py's aoq+refresh, with training and scoring stubbed out."""
+    import yaml
+
+    from stages import evaluate, finetune
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import aoq_ablation
+
+    calls = []
+    monkeypatch.setattr(finetune, "run", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(evaluate, "run", lambda **kw: {"metrics": {"rsum": 1.0},
+                                                       "groups": {"family": {"rsum": 1.0}}})
+    monkeypatch.setattr(aoq_ablation, "step_times", lambda *a, **kw: {
+        "triplet": 1.0, "aoq_batched": 1.0, "aoq_three_passes": 1.0})
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"finetune": {
+        "data": str(tiny_data), "candidates": str(cands_dir),
+        "models": {"vse_inf": {"init": "base/checkpoint", "train": {"batch_size": 16}}}}}))
+    args = ["--params", str(params), "--models", "vse_inf", "--seeds", "0", "--threads", "1",
+            "--variants", "aoq", "aoq+refresh", "--out", str(tmp_path / "bench")]
+    assert aoq_ablation.main(args) == 0
+    assert [c["refresh_every_steps"] for c in calls] == [0, 8]  # ceil((500 // 16) / 4)
+    assert aoq_ablation.main(args + ["--refresh-steps", "5"]) == 0  # not the cached run
+    assert [c["refresh_every_steps"] for c in calls[2:]] == [5]

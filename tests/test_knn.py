@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import warnings
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -202,6 +204,31 @@ def test_torch_random_equals_reference(case, precision):
     assert st["tiles"] == -(-n_i // rb) * -(-5 * n_i // cb)
     assert st["peak_buffered"] >= min(k1, 1) * n_i
     assert st["precision"] == precision
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_torch_scratch_files_equal_in_memory(tmp_path, precision):
+    """With a scratch folder the outputs, the t2i selections and the low-precision copies
+    live in memory-mapped files there; the answer is the same, bit for bit."""
+    img, cap = random_pair(77, 40, seed=3)
+    mem = mine_torch(img, cap, 25, 7, precision=precision, row_block=20, col_block=150)
+    folder = tmp_path / "scratch"
+    res = mine_torch(np.load(_saved(tmp_path / "img.npy", img), mmap_mode="r"),
+                     np.load(_saved(tmp_path / "cap.npy", cap), mmap_mode="r"), 25, 7,
+                     precision=precision, row_block=20, col_block=150, scratch=folder)
+    assert_same(res, reference("random-seed3", img, cap, 25, 7))
+    for d in ("i2t", "t2i", "i2t_scores", "t2i_scores"):
+        x = getattr(res, d)
+        np.testing.assert_array_equal(x, getattr(mem, d))
+        assert isinstance(x, np.memmap) and Path(x.filename).parent == folder, d
+    names = {p.name.split("-")[0] for p in folder.iterdir()}
+    assert {"i2t_ids", "i2t_scores", "t2i_ids", "t2i_keys"} <= names
+    assert ("lowp" in names) == (precision == "bf16")
+
+
+def _saved(path, x):
+    np.save(path, x)
+    return path
 
 
 @pytest.mark.parametrize("case", RANDOM_CASES[:4], ids=lambda c: "x".join(map(str, c)))

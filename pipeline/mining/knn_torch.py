@@ -122,9 +122,11 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -210,12 +212,13 @@ def _exact_matmul_flags():
                 pass
 
 
-def _max_norm(x: torch.Tensor) -> float:
-    """An upper bound on max_i ||x_i|| (as ``reference.max_row_norm``, without float64
-    copies of x: the norm kernel converts on the fly)."""
+def _max_norm(x: torch.Tensor, chunk: int = 8192) -> float:
+    """An upper bound on max_i ||x_i|| (as ``reference.max_row_norm``), by chunks: the
+    float64 norm kernel makes a float64 copy of what it is given."""
     if not x.shape[0]:
         return 0.0
-    n = float(torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).max())
+    n = max(float(torch.linalg.vector_norm(x[s:s + chunk], dim=1, dtype=torch.float64).max())
+            for s in range(0, x.shape[0], chunk))
     return n * (1.0 + 4 * x.shape[1] * U64) + 1e-300
 
 
@@ -226,12 +229,15 @@ def _pow2_scale(norm: float) -> float:
     return 2.0 ** -math.frexp(norm)[1]
 
 
-def _lowp(x: torch.Tensor, dtype, scale: float, norm: float, chunk: int = 4096):
+def _lowp(x: torch.Tensor, dtype, scale: float, norm: float, chunk: int = 4096, alloc=None):
     """x * scale rounded to dtype, plus (max ||x*scale||, max ||x^||, max ||x*scale - x^||);
-    norm: _max_norm(x)."""
+    norm: _max_norm(x). alloc(shape, dtype): where the copy lives (default: memory)."""
     if dtype == torch.float32 and scale == 1.0:
         return x, norm, norm, 0.0
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    if alloc is not None and x.device.type == "cpu":
+        out = alloc(tuple(x.shape), dtype)
+    else:
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
     n_x = n_h = n_e = 0.0
     for s in range(0, x.shape[0], chunk):
         x64 = x[s:s + chunk].double() * scale                     # exact
@@ -392,7 +398,7 @@ class _Selection:
     def _shrink(self, rows, ids, fs):
         """Rows given as full candidate lists: proven floor (their k-th largest key), pruned
         to it -- or cut to exactly the first k where ties keep more than the capacity."""
-        self.stats["prunes"] = self.stats.get("prunes", 0) + rows.size
+        _count(self.stats, "prunes", rows.size)
         k = self.k[rows]
         r = int(k.max())
         ids, fs = self._order(rows, ids, fs)              # exact order: keeps are a prefix
@@ -403,7 +409,7 @@ class _Selection:
         self.floor[rows] = floor
         n_keep = (valid & (fs >= floor[:, None])).sum(axis=1)
         cut = n_keep > self.cap
-        self.stats["exact_cuts"] = self.stats.get("exact_cuts", 0) + int(cut.sum())
+        _count(self.stats, "exact_cuts", int(cut.sum()))
         n_keep = np.where(cut, k, n_keep)
         w = min(self.cap, fs.shape[1])
         unused = np.arange(w)[None, :] >= n_keep[:, None]
@@ -426,7 +432,7 @@ class _Selection:
         f = self.f[rows, :w]                              # a copy: partitioned in place
         f.partition(w - r, axis=1)
         self.floor[rows] = np.maximum(self.floor[rows], f[:, w - r])
-        self.stats["refinements"] = self.stats.get("refinements", 0) + 1
+        _count(self.stats, "refinements", 1)
 
     def _order(self, rows, ids, fs):
         """Candidates of `rows` sorted by (-c, id): by key, then equal-key runs that reach
@@ -473,15 +479,17 @@ class _Selection:
         proven = np.where(cnt >= k, fk, np.float32(-np.inf))
         return ids, fs, np.where(failed, proven, np.float32(np.nan))
 
-    def release(self, chunk: int = 4096):
+    def release(self, chunk: int = 4096, finish=None):
         """Finish every query, compacted in place into (n, kmax) arrays that reuse the
-        selection's memory; returns ids, keys and the check result as :meth:`finish`."""
+        selection's memory; returns ids, keys and the check result as :meth:`finish`.
+        finish(start, stop): :meth:`finish` of those rows, e.g. split over threads."""
         n, kmax = self.cnt.size, self.kmax
+        finish = finish or (lambda a, b: self.finish(slice(a, b)))
         flat_ids, flat_f = self.ids.reshape(-1), self.f.reshape(-1)
         failed = np.empty(n, dtype=np.float32)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            ids, fs, failed[s:e] = self.finish(slice(s, e))
+            ids, fs, failed[s:e] = finish(s, e)       # every row of the chunk read first
             # destination ends at e * kmax <= e * cap: rows >= e are still intact
             flat_ids[s * kmax:e * kmax] = ids.reshape(-1)
             flat_f[s * kmax:e * kmax] = fs.reshape(-1)
@@ -489,14 +497,25 @@ class _Selection:
         return _shrunk(flat_ids, n, kmax), _shrunk(flat_f, n, kmax), failed
 
 
+_STATS_LOCK = threading.Lock()     # selections are filled and finished on the pool's threads
+
+
+def _count(stats: dict, name: str, n: int):
+    with _STATS_LOCK:
+        stats[name] = stats.get(name, 0) + n
+
+
 def _count_canonical(stats: dict, why: str, n: int):
-    stats[why] = stats.get(why, 0) + n
-    stats["canonical_refined"] = stats.get("canonical_refined", 0) + n
+    _count(stats, why, n)
+    _count(stats, "canonical_refined", n)
 
 
 def _shrunk(flat: np.ndarray, n: int, k: int) -> np.ndarray:
     """The first n * k elements of `flat` as an (n, k) array, the rest of its memory given
-    back (in place when the buffer is its own; a copy otherwise)."""
+    back (in place when the buffer is its own; a copy otherwise). A scratch file's memmap
+    is returned as a view: its pages are the kernel's to evict, and a copy would be private."""
+    if isinstance(flat, np.memmap):
+        return flat[:n * k].reshape(n, k)
     base = flat.base if flat.base is not None else flat
     try:
         base.resize(n * k, refcheck=False)
@@ -505,14 +524,43 @@ def _shrunk(flat: np.ndarray, n: int, k: int) -> np.ndarray:
         return flat[:n * k].reshape(n, k).copy()
 
 
+# --------------------------------------------------------------------------- scratch
+_NP_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+
+
+class _Scratch:
+    """Where the arrays that grow with N live: the outputs, the t2i selections and the
+    low-precision copies of the inputs. In memory by default; with a folder, in memory-mapped
+    files there (page cache the kernel can write back and evict), so the process's private
+    memory stays bounded by the tile and K whatever the number of queries."""
+
+    def __init__(self, folder=None):
+        self.folder = None if folder is None else Path(folder)
+        self.count = 0
+
+    def array(self, name: str, shape, dtype) -> np.ndarray:
+        if self.folder is None:
+            return np.empty(shape, dtype=dtype)
+        self.count += 1
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return np.lib.format.open_memmap(self.folder / f"{name}-{self.count}.npy", mode="w+",
+                                         dtype=dtype, shape=tuple(shape))
+
+    def tensor(self, shape, dtype) -> torch.Tensor:
+        """A CPU tensor of a torch dtype (bf16 is stored as its uint16 bits)."""
+        x = torch.from_numpy(self.array("lowp", shape, _NP_STORAGE[dtype]))
+        return x.view(dtype) if dtype == torch.bfloat16 else x
+
+
 # --------------------------------------------------------------------------- the pass
 class _Pass:
     """What the sweeps of one call share: the inputs (float32, their GEMM-precision copies),
     the bound (eps0, rho, scale; delta for the keys), tile buffers and the worker pool."""
 
     def __init__(self, img32, cap32, precision, dev, row_block, col_block, slack, stats,
-                 cap_cache=None):
+                 cap_cache=None, scratch=None):
         self.img_np, self.cap_np = img32, cap32
+        self.scratch = scratch if scratch is not None else _Scratch()
         self.dev, self.stats, self.slack = dev, stats, float(slack)
         self.row_block, self.col_block = int(row_block), int(col_block)
         d = img32.shape[1]
@@ -534,16 +582,17 @@ class _Pass:
         sa = sb = 1.0
         if precision == "fp16":
             sa, sb = _pow2_scale(norm_img), _pow2_scale(norm_cap)
-        self.a_lp, na, na_h, ea = _lowp(self.a32, dtype, sa, norm_img)
+        alloc = self.scratch.tensor
+        self.a_lp, na, na_h, ea = _lowp(self.a32, dtype, sa, norm_img, alloc=alloc)
         if cap_cache is not None:
             key = ("lowp", precision, sb, str(dev))
             if key not in cap_cache:
                 for k in [k for k in cap_cache if k[0] == "lowp"]:
                     del cap_cache[k]                      # one low-precision copy at a time
-                cap_cache[key] = _lowp(self.b32, dtype, sb, norm_cap)
+                cap_cache[key] = _lowp(self.b32, dtype, sb, norm_cap, alloc=alloc)
             self.b_lp, nb, nb_h, eb = cap_cache[key]
         else:
-            self.b_lp, nb, nb_h, eb = _lowp(self.b32, dtype, sb, norm_cap)
+            self.b_lp, nb, nb_h, eb = _lowp(self.b32, dtype, sb, norm_cap, alloc=alloc)
         self.eps0, self.rho = _data_bound(d, precision, na, na_h, ea, nb, nb_h, eb)
         self.scale = sa * sb
         self.delta = rescore_delta(d, norm_img, norm_cap)
@@ -663,6 +712,15 @@ class _Pass:
             job.result()
         return out
 
+    def finish(self, sel: "_Selection", start: int, stop: int):
+        """sel.finish of rows start:stop, in parts on the pool (sorting is numpy work that
+        releases the GIL)."""
+        if self.pool is None or stop - start < 512:
+            return sel.finish(slice(start, stop))
+        cuts = np.unique(np.linspace(start, stop, self.workers + 1).astype(int))
+        jobs = [self.pool.submit(sel.finish, slice(a, b)) for a, b in zip(cuts[:-1], cuts[1:])]
+        return tuple(np.concatenate(part) for part in zip(*[job.result() for job in jobs]))
+
     def close(self):
         if self.pool is not None:
             self.pool.shutdown()
@@ -689,8 +747,10 @@ class _Pass:
             in_rows[rows] = True
             qcols = np.sort(cols)
             k_col = np.minimum(k2, n_r - in_rows[qcols // 5])
-            cols_sel = _Selection(qcols, k_col, _capacity(int(k_col.max()), self.slack),
-                                  self.cap_np, self.img_np, st)
+            cap2 = _capacity(int(k_col.max()), self.slack)
+            cols_sel = _Selection(qcols, k_col, cap2, self.cap_np, self.img_np, st,
+                                  (self.scratch.array("t2i_ids", (n_c, cap2), np.int32),
+                                   self.scratch.array("t2i_keys", (n_c, cap2), np.float32)))
             col_row = np.full(self.cap_np.shape[0], -1, dtype=np.int64)
             col_row[qcols] = np.arange(n_c)
             if floors is not None:
@@ -738,18 +798,29 @@ class _Pass:
                 f = self.keys(a64, b64, ri, ci, rr, cc)
                 t3 = time.perf_counter()
                 st["seconds_keys"] = st.get("seconds_keys", 0.0) + t3 - t2
-                if rows_sel is not None:
+                def keep_rows():
                     keep = in_r & (f >= rows_sel.floor[ri])
-                    st["survivors_i2t"] = st.get("survivors_i2t", 0) + int(keep.sum())
                     rows_sel.add(ri[keep], cc[ci[keep]], f[keep])
                     rows_sel.refine(slice(None), (c0 + nc) / n_c, speculate)
-                if cols_sel is not None:
+                    return "survivors_i2t", int(keep.sum())
+
+                def keep_cols():
                     keep = in_c & (f >= cols_sel.floor[ccol[ci]])
-                    st["survivors_t2i"] = st.get("survivors_t2i", 0) + int(keep.sum())
                     q = ci[keep]                      # grouped by column (radix sort)
                     order = np.argsort(q.astype(np.uint16) if nc <= 1 << 16 else q, kind="stable")
                     cols_sel.add(ccol[q[order]], rr[ri[keep][order]], f[keep][order])
                     cols_sel.refine(ccol, p_col, speculate)
+                    return "survivors_t2i", int(keep.sum())
+
+                # the two directions' selections are independent: one job each on the pool
+                jobs = [job for job, sel in ((keep_rows, rows_sel), (keep_cols, cols_sel))
+                        if sel is not None]
+                if self.pool is not None and len(jobs) > 1:
+                    done = [j.result() for j in [self.pool.submit(job) for job in jobs]]
+                else:
+                    done = [job() for job in jobs]
+                for name, n_kept in done:
+                    st[name] = st.get(name, 0) + n_kept
                 st["seconds_keep"] = st.get("seconds_keep", 0.0) + time.perf_counter() - t3
                 st[tag] = st.get(tag, 0) + 1
                 held = (rows_sel.cnt.sum() if rows_sel is not None else 0) + \
@@ -760,7 +831,7 @@ class _Pass:
             self.img_pos[rr] = -1
             if rows_sel is not None:
                 t = time.perf_counter()
-                ids, fs, check = rows_sel.finish(slice(None))
+                ids, fs, check = self.finish(rows_sel, 0, nr)
                 out_ids, out_f, off = i2t
                 out_ids[rr - off], out_f[rr - off] = ids, fs
                 bad = ~np.isnan(check)
@@ -890,7 +961,7 @@ def _take(x, idx: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- main
 def mine_torch(img, cap, k_i2t: int, k_t2i: int, *, precision: str = "auto",
                device: str = "cpu", row_block: int = 4096, col_block: int = 8192,
-               progress: bool = False, buffer_slack: float = 0.4) -> KnnResult:
+               progress: bool = False, buffer_slack: float = 0.4, scratch=None) -> KnnResult:
     """Exact i2t / t2i candidates (ids and scores equal to :func:`mine_reference`) in one
     tiled pass.
 
@@ -901,6 +972,10 @@ def mine_torch(img, cap, k_i2t: int, k_t2i: int, *, precision: str = "auto",
     buffer_slack: a t2i selection holds up to K + max(16, buffer_slack * K) candidates, an
     i2t one twice that slack, before it is pruned. Memory: the outputs, N_c x the t2i slack
     while the pass runs, one row block's i2t selections, one tile (module doc).
+    scratch: a folder (created if missing; the caller removes it) for the arrays that grow
+    with N -- the outputs, the t2i selections, low-precision input copies -- as memory-mapped
+    files: the result's arrays are then memmaps into it, and private memory is bounded by
+    the tile and K (pass memory-mapped inputs to keep those out of it too). CPU only.
 
     stats: seconds, and its parts seconds_gemm (with the block gathers), _filter, _keys,
     _keep, _finish; tiles (tiles_recheck: those of the re-mining passes); precision, device;
@@ -924,9 +999,12 @@ def mine_torch(img, cap, k_i2t: int, k_t2i: int, *, precision: str = "auto",
     stats: dict = {"backend": "torch", "precision": precision, "device": str(dev),
                    "k_i2t": k1, "k_t2i": k2, "row_block": int(row_block),
                    "col_block": int(col_block)}
+    if scratch is not None and dev.type != "cpu":
+        raise InputError(None, "scratch files serve the CPU pass; on a GPU leave scratch unset")
     i2t, i2t_s, t2i, t2i_s = _mine(img32, cap32, np.arange(n_i), k1, k2, precision=precision,
                                    dev=dev, row_block=row_block, col_block=col_block,
-                                   progress=progress, buffer_slack=buffer_slack, stats=stats)
+                                   progress=progress, buffer_slack=buffer_slack, stats=stats,
+                                   scratch=_Scratch(scratch))
     stats.update(gemm_flop=2.0 * n_i * cap32.shape[0] * d, seconds=time.perf_counter() - t_start)
     return KnnResult(i2t, i2t_s, t2i, t2i_s, stats)
 
@@ -997,14 +1075,15 @@ def mine_torch_block(img, cap, start: int, stop: int, k_i2t: int, k_t2i: int, *,
 
 def _mine(img32, cap32, rows, k1: int, k2: int, *, precision: str, dev, row_block: int,
           col_block: int, progress: bool, buffer_slack: float, stats: dict,
-          cap_cache: dict | None = None):
+          cap_cache: dict | None = None, scratch: _Scratch | None = None):
     """Image rows ``rows`` (a range) x all captions: i2t of those rows, t2i among them."""
     n_c = cap32.shape[0]
-    i2t = np.empty((rows.size, k1), dtype=np.int32)
-    i2t_s = np.empty((rows.size, k1), dtype=np.float32)
+    scratch = scratch if scratch is not None else _Scratch()
+    i2t = scratch.array("i2t_ids", (rows.size, k1), np.int32)
+    i2t_s = scratch.array("i2t_scores", (rows.size, k1), np.float32)
     with torch.no_grad(), _exact_matmul_flags(), contextlib.closing(
             _Pass(img32, cap32, precision, dev, row_block, col_block, buffer_slack, stats,
-                  cap_cache)) as ps:
+                  cap_cache, scratch)) as ps:
         # A fixed pseudo-random visiting order: every block of rows / columns is a random
         # sample, which the speculative floors assume (any order gives the same answer).
         row_order = rows[np.random.default_rng(rows.size).permutation(rows.size)]
@@ -1026,7 +1105,7 @@ def _mine(img32, cap32, rows, k1: int, k2: int, *, precision: str, dev, row_bloc
             return (i2t, i2t_s, np.empty((n_c, 0), dtype=np.int32),
                     np.empty((n_c, 0), dtype=np.float32))
         t = time.perf_counter()
-        t2i, t2i_s, check = cols_sel.release()
+        t2i, t2i_s, check = cols_sel.release(finish=lambda a, b: ps.finish(cols_sel, a, b))
         stats["seconds_finish"] = stats.get("seconds_finish", 0.0) + time.perf_counter() - t
         bad_cols = np.flatnonzero(~np.isnan(check))
         if bad_cols.size:

@@ -76,16 +76,23 @@ def capped_k(cfg: MineConfig, n_img: int) -> tuple[int, int]:
             min(int(cfg.k_t2i), n_img - 1))
 
 
-def mine_embeddings(img, cap, cfg: MineConfig, progress: bool = True) -> KnnResult:
-    """Candidates of both directions for (N_img, D) image and (5 N_img, D) caption rows."""
+def mine_embeddings(img, cap, cfg: MineConfig, progress: bool = True,
+                    scratch=None) -> KnnResult:
+    """Candidates of both directions for (N_img, D) image and (5 N_img, D) caption rows.
+
+    scratch (torch backend on CPU): a folder for memory-mapped work files; memory-mapped
+    inputs are then used in place and the result's arrays are memmaps into the folder, so
+    private memory does not grow with the number of queries (the caller removes it)."""
     cfg.validate()
-    img, cap = _in_memory(img), _in_memory(cap)
     if cfg.backend == "torch":
         from pipeline.mining import mine_torch
 
+        if scratch is None or cfg.device.split(":")[0] != "cpu":
+            img, cap, scratch = _in_memory(img), _in_memory(cap), None
         return mine_torch(img, cap, cfg.k_i2t, cfg.k_t2i, precision=cfg.precision,
                           device=cfg.device, row_block=int(cfg.row_block),
-                          col_block=int(cfg.col_block), progress=progress)
+                          col_block=int(cfg.col_block), progress=progress, scratch=scratch)
+    img, cap = _in_memory(img), _in_memory(cap)
     from pipeline.mining import mine_faiss
 
     dev = cfg.device.split(":")[0]
