@@ -99,9 +99,12 @@ def finetune(model, loss, candidates_dir, init, data_dir, out_dir, epochs, batch
               help="Metrics file stem of the base model ('' for none).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="artifacts/report",
               show_default=True, help="Writes report.md and recall.png here.")
+@click.option("--pretrained", multiple=True, metavar="MODEL",
+              help="A model pretrained by the pretrain stage: its pretrain-MODEL row "
+                   "(repeatable).  [default: the params' pretrain.models]")
 @click.option("--params", "params_file", type=click.Path(), default=None,
               help="Take the runs from this params.yaml's finetune.runs (model x loss).")
-def report(metrics_dir, runs, base, out_dir, params_file):
+def report(metrics_dir, runs, base, pretrained, out_dir, params_file):
     """Markdown table and recall plot of the base model and every fine-tuned run."""
     from stages import report as stage
 
@@ -110,5 +113,8 @@ def report(metrics_dir, runs, base, out_dir, params_file):
         runs = [f"{m}-{lo}" for m in grid.get("model", []) for lo in grid.get("loss", [])]
     if not runs:
         raise InputError(params_file, "no runs: give --run MODEL-LOSS or finetune.runs in --params")
-    res = stage.run(metrics_dir=metrics_dir, runs=list(runs), out_dir=out_dir, base=base or None)
+    if not pretrained:
+        pretrained = load_section(params_file, "pretrain", optional=True).get("models") or []
+    res = stage.run(metrics_dir=metrics_dir, runs=list(runs), out_dir=out_dir, base=base or None,
+                    pretrained=list(pretrained))
     click.echo(res["markdown"], nl=False)

@@ -8,7 +8,9 @@ import yaml
 from pipeline.errors import InputError
 
 
-def load_section(params_file: str | Path | None, section: str) -> dict:
+def load_section(params_file: str | Path | None, section: str, optional: bool = False) -> dict:
+    """The section (dotted: nested) of a params file; {} without a file, or when optional
+    and the file has no such section."""
     if not params_file:
         return {}
     path = Path(params_file)
@@ -18,9 +20,14 @@ def load_section(params_file: str | Path | None, section: str) -> dict:
         raise InputError(path, "params file not found") from None
     except (OSError, yaml.YAMLError) as e:
         raise InputError(path, f"unreadable YAML ({e.__class__.__name__})") from None
-    if section not in doc or not isinstance(doc[section], dict):
-        raise InputError(path, f"no '{section}' section")
-    return dict(doc[section])
+    node = doc
+    for key in section.split("."):          # "pretrain.vsrn": a nested section
+        if not isinstance(node, dict) or not isinstance(node.get(key), dict):
+            if optional:
+                return {}
+            raise InputError(path, f"no '{section}' section")
+        node = node[key]
+    return dict(node)
 
 
 def parse_assignments(pairs: tuple[str, ...], flag: str) -> dict:

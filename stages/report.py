@@ -2,7 +2,8 @@
 
 Inputs are the test-metric JSONs written by `evaluate` (`<run>.json`, and on the embedded
 data set `<run>_groups.json` with the within-family scores). Runs are named
-`<model>-<loss>`; the base model's row comes first. Outputs (atomic): `report.md`
+`<model>-<loss>`; the base model's row comes first, then the rows of models pretrained by
+the `pretrain` stage (`pretrain-<model>`). Outputs (atomic): `report.md`
 (markdown: model, loss, R@1/5/10 both ways, rsum, within-family rsum) and `recall.png`
 (R@1 per direction and run).
 """
@@ -16,16 +17,21 @@ from pipeline.io import atomic_path, write_text
 _RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 
 
-def collect(metrics_dir, runs: list[str], base: str | None = "base_test") -> list[dict]:
-    """One row per run: {"run", "model", "loss", metrics..., "family_rsum"}."""
+def collect(metrics_dir, runs: list[str], base: str | None = "base_test",
+            pretrained: list[str] = ()) -> list[dict]:
+    """One row per run: {"run", "model", "loss", metrics..., "family_rsum"}; first the
+    base model, then each pretrained model's own base (`pretrain-<model>`)."""
     folder = Path(metrics_dir)
     rows = []
-    names = ([base] if base else []) + list(runs)
+    names = ([base] if base else []) + [f"pretrain-{m}" for m in pretrained] + list(runs)
     for name in names:
         m = read_metrics_json(folder / f"{name}.json")
         model, _, loss = name.partition("-")
-        row = {"run": name, "model": "base" if name == base else model,
-               "loss": "(base)" if name == base else loss, **{k: m.get(k) for k in _RECALLS},
+        if name == base:
+            model, loss = "base", "(base)"
+        elif model == "pretrain":
+            model, loss = loss, "(pretrain)"
+        row = {"run": name, "model": model, "loss": loss, **{k: m.get(k) for k in _RECALLS},
                "rsum": m["rsum"], "family_rsum": None}
         groups = folder / f"{name}_groups.json"
         if groups.is_file():
@@ -65,8 +71,9 @@ def recall_plot(rows: list[dict], path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
 
-def run(*, metrics_dir, runs: list[str], out_dir, base: str | None = "base_test") -> dict:
-    rows = collect(metrics_dir, runs, base)
+def run(*, metrics_dir, runs: list[str], out_dir, base: str | None = "base_test",
+        pretrained: list[str] = ()) -> dict:
+    rows = collect(metrics_dir, runs, base, pretrained)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)

@@ -35,6 +35,7 @@ def test_dvc_repro_smoke(tmp_path):
     out = _dvc(["repro"], work)
     runs = [f"{m}-{lo}" for m in ("vse_inf", "vsrn") for lo in ("triplet", "aoq")]
     for stage in ("prepare", "train_base", "evaluate_base", "embed", "mine", "report",
+                  "pretrain@vsrn", "evaluate_pretrain@vsrn",
                   *(f"finetune@{r}" for r in runs), *(f"evaluate@{r}" for r in runs)):
         assert f"Running stage '{stage}'" in out
     metrics = json.loads((work / "artifacts/metrics/base_test.json").read_text())
@@ -58,9 +59,13 @@ def test_dvc_repro_smoke(tmp_path):
     assert not (t2i == np.arange(5 * n_img)[:, None] // 5).any()       # own image excluded
     mine = json.loads((work / "artifacts/metrics/mine.json").read_text())
     assert (mine["k_i2t"], mine["k_t2i"], mine["n_img"]) == (k1, k2, n_img)
-    # finetune -> evaluate -> report: one row per run plus the base; AOQ logged its weights
+    # finetune -> evaluate -> report: one row per run plus the two bases; AOQ logged its
+    # weights; VSRN was fine-tuned from the pretrain stage's checkpoint
     report = (work / "artifacts/report/report.md").read_text()
-    assert report.count("\n| ") == 1 + 1 + len(runs)  # header, base, runs
+    assert report.count("\n| ") == 1 + 2 + len(runs)  # header, base, vsrn (pretrain), runs
+    assert "| vsrn | (pretrain) |" in report
+    ft_meta = json.loads((work / "artifacts/finetune/vsrn-aoq/checkpoint/config.json").read_text())
+    assert "artifacts/pretrain/vsrn/checkpoint" in json.dumps(ft_meta)
     assert (work / "artifacts/report/recall.png").read_bytes()[:4] == b"\x89PNG"
     header = (work / "artifacts/finetune/vsrn-aoq/train_log.tsv").read_text().splitlines()[0]
     assert {"train_weight_negative", "train_caption"} <= set(header.split("\t"))

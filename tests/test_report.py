@@ -35,3 +35,24 @@ def test_report_missing_run_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "vsrn-aoq.json" in err
     assert not (tmp_path / "r" / "report.md").exists()
+
+
+def test_report_pretrained_rows_from_params(tmp_path, capsys):
+    m = tmp_path / "metrics"
+    m.mkdir()
+    for name, r1 in (("base_test", 78.0), ("pretrain-vsrn", 40.0), ("vsrn-aoq", 45.0)):
+        (m / f"{name}.json").write_text(json.dumps(_metrics(r1)))
+    params = tmp_path / "params.yaml"
+    params.write_text("finetune:\n  runs:\n    model: [vsrn]\n    loss: [aoq]\n"
+                      "pretrain:\n  models: [vsrn]\n")
+    rc = main(["report", "--metrics-dir", str(m), "--params", str(params), "--out", str(tmp_path / "r")])
+    assert rc == 0, capsys.readouterr().err
+    lines = [ln for ln in (tmp_path / "r" / "report.md").read_text().splitlines() if ln.startswith("| ")]
+    assert [ln.split(" | ")[:2] for ln in lines[1:]] == [
+        ["| base", "(base)"], ["| vsrn", "(pretrain)"], ["| vsrn", "aoq"]]
+    assert lines[2].split(" | ")[2] == "40.0"
+    # without a pretrain section: no such row, and no error
+    params.write_text("finetune:\n  runs:\n    model: [vsrn]\n    loss: [aoq]\n")
+    assert main(["report", "--metrics-dir", str(m), "--params", str(params),
+                 "--out", str(tmp_path / "r2")]) == 0
+    assert "(pretrain)" not in (tmp_path / "r2" / "report.md").read_text()

@@ -35,7 +35,9 @@ its sweep ends; the column selections live through the pass, at most K + slack c
 each, and are compacted in place into the t2i output at the end. Memory: the inputs (a
 read-only memmap is used in place), the outputs, N_c x slack more candidates while the pass
 runs, one row block's selections, and one tile with its mask and float64 copies of its two
-blocks.
+blocks. With ``scratch`` (a folder; the mine stage passes one) everything in that list that
+grows with N -- outputs, column selections, low-precision input copies -- is a memory-mapped
+file there: the process's private memory is then bounded by the tile and K alone.
 
 Keys
 ----
