@@ -66,8 +66,10 @@ def load_state_dict(file: str | Path, device: str | torch.device = "cpu") -> dic
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     """Returns (model in eval mode on `device`, vocab or None, config dict)."""
+    from pipeline.device import resolve_device
     from pipeline.models import model_from_config
 
+    device = resolve_device(device)          # a bad --device is one line, before any reading
     path = Path(path)
     cfg = read_checkpoint_config(path)
     model = model_from_config(cfg["model"])

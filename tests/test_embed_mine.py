@@ -283,3 +283,12 @@ def test_input_mode_errors(emb_dir, tmp_path, capsys):
         err = res.err.strip()
         assert err.count("\n") == 0 and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_bad_device_is_one_line_for_checkpoint_readers(ckpt, tiny_data, tmp_path, capsys):
+    for args in (["evaluate", "--checkpoint", str(ckpt), "--data", str(tiny_data)],
+                 ["embed", "--checkpoint", str(ckpt), "--data", str(tiny_data),
+                  "--out", str(tmp_path / "e")]):
+        assert main([*args, "--device", "bogus"]) == 2, args
+        _one_line_error(capsys, "bogus")
+    assert not (tmp_path / "e").exists()
