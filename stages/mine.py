@@ -241,8 +241,7 @@ def _finish(knn, img, cap, cfg, fcfg, t0, *, out_dir, name, img_path, cap_path, 
         "stats": stats,
     }
     files = write_candidates(out_dir, name,
-                             Candidates.from_knn(knn, meta=meta),
-                             meta)
+                             Candidates.from_knn(knn, meta=meta))
     summary = {
         "name": name, "n_img": n_img, "n_cap": n_cap, "dim": dim,
         "k_i2t": k1, "k_t2i": k2, "k_i2t_requested": int(cfg.k_i2t),
