@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.device import resolve_device
 from pipeline.embeddings import encode_caption_range, encode_image_range  # noqa: F401 (re-exported for scale-out)
 from pipeline.errors import InputError
 from pipeline.io import temp_beside
@@ -54,8 +53,7 @@ def embed_split(checkpoint, data_dir, split: str, out_dir, *, batch_size: int = 
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise InputError(None, f"{name} must be a positive integer, got {v!r}")
     t0 = time.perf_counter()
-    resolve_device(device)
-    model, vocab, cfg = load_checkpoint(checkpoint, device)
+    model, vocab, cfg = load_checkpoint(checkpoint, device)   # resolves the device first
     if getattr(model, "kind", "indep") != "indep":
         raise InputError(checkpoint, f"model {getattr(model, 'name', '?')!r} is a cross-attention "
                                      "model: mining needs independent embeddings")

@@ -560,9 +560,9 @@ class _Pass:
     the bound (eps0, rho, scale; delta for the keys), tile buffers and the worker pool."""
 
     def __init__(self, img32, cap32, precision, dev, row_block, col_block, slack, stats,
-                 cap_cache=None, scratch=None):
+                 cap_cache, scratch: _Scratch):
         self.img_np, self.cap_np = img32, cap32
-        self.scratch = scratch if scratch is not None else _Scratch()
+        self.scratch = scratch
         self.dev, self.stats, self.slack = dev, stats, float(slack)
         self.row_block, self.col_block = int(row_block), int(col_block)
         d = img32.shape[1]
