@@ -150,6 +150,7 @@ def main(argv=None) -> int:
     previous = json.loads(saved.read_text())["models"] if saved.is_file() else {}  # resume
     for model in args.models:
         spec = ft["models"][model]
+        cands = spec.get("candidates", candidates)   # a model may mine with its own base
         train = dict(spec.get("train") or {})
         epochs = args.epochs or int(train.get("epochs", 2))
         base = spec.get("init", "scratch")
@@ -158,13 +159,13 @@ def main(argv=None) -> int:
         if base == "scratch" and not args.steps_only:
             base_dir = out / model / "base"
             if not (base_dir / "checkpoint" / "config.json").is_file():
-                finetune_and_score(model, None, data, candidates, "triplet", base_dir, seed=0,
+                finetune_and_score(model, None, data, cands, "triplet", base_dir, seed=0,
                                    epochs=args.base_epochs, train=train, init="scratch",
                                    model_options=spec.get("model_options"))
             base = str(base_dir / "checkpoint")
             r["base"] = f"{args.base_epochs} triplet epochs from scratch"
         r["step_seconds"] = previous.get(model, {}).get("step_seconds") or step_times(
-            model, base, data, candidates, steps=args.step_steps,
+            model, base, data, cands, steps=args.step_steps,
             batch_size=int(train.get("batch_size", 128)), model_options=spec.get("model_options"))
         print(model, "step seconds", r["step_seconds"], flush=True)
         if args.steps_only:
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
                     done[v] = earlier[0]
                     r["runs"][v].append(earlier[0])
                     continue
-                res = finetune_and_score(model, base, data, candidates, loss,
+                res = finetune_and_score(model, base, data, cands, loss,
                                          out / model / f"{v.replace(' ', '_')}-s{seed}", **kw)
                 res.update(epochs=kw["epochs"], seed=seed, refresh_steps=kw.get("refresh_steps"))
                 done[v] = res

@@ -62,14 +62,15 @@ class MLP(nn.Module):
         return x
 
 
-def apply_to_valid(module: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def apply_to_valid(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Apply a row-wise `module` ((N, F) -> (N, E)) to the rows of x (B, L, F) where mask
-    (B, L) is True; the other rows of the (B, L, E) result are zero."""
+    (B, L) is True (None: every row); the other rows of the (B, L, E) result are zero."""
     b, l, f = x.shape
-    segments = row_segments(mask) if current_segments() is not None else None
-    if bool(mask.all()):  # no padding (e.g. 36 regions everywhere): skip the gather/scatter
-        with bn_segments(segments):
+    if mask is None or bool(mask.all()):  # no padding: skip the gather/scatter
+        seg = current_segments()
+        with bn_segments([n * l for n in seg] if seg is not None else None):
             return module(x.reshape(b * l, f)).view(b, l, -1)
+    segments = row_segments(mask) if current_segments() is not None else None
     idx = mask.reshape(b * l).nonzero(as_tuple=True)[0]
     with bn_segments(segments):
         rows = module(x.reshape(b * l, f).index_select(0, idx))

@@ -93,12 +93,19 @@ class RsGCN(nn.Module):
         nn.init.zeros_(self.w[1].weight)
         nn.init.zeros_(self.w[1].bias)
 
-    def forward(self, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # padded regions get no column of R (φ is the bias there, not zero)
-        phi = self.phi(v) * mask.unsqueeze(-1).to(v.dtype)
-        n_valid = mask.sum(dim=1).to(v.dtype).view(-1, 1, 1)
-        r = self.theta(v) @ phi.transpose(1, 2) / n_valid
-        y = r @ self.g(v)
+    def forward(self, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """mask None: every region is valid (no masking work at all)."""
+        # θ, φ and g read the same input: one GEMM of 3 x inter_channels columns (the
+        # same parameters, so checkpoints keep their keys)
+        w = torch.cat([self.theta.weight, self.phi.weight, self.g.weight])
+        b = torch.cat([self.theta.bias, self.phi.bias, self.g.bias])
+        theta, phi, g = F.linear(v, w, b).split(self.theta.out_features, dim=-1)
+        if mask is None:
+            n_valid = v.size(1)
+        else:  # padded regions get no column of R (φ is the bias there, not zero)
+            phi = phi * mask.unsqueeze(-1).to(v.dtype)
+            n_valid = mask.sum(dim=1).to(v.dtype).view(-1, 1, 1)
+        y = torch.bmm(theta, phi.transpose(1, 2)) / n_valid @ g
         # W's BatchNorm sees the valid rows only; padded rows stay zero
         return v + apply_to_valid(self.w, y, mask)
 
@@ -188,11 +195,14 @@ class VSRN(ITMModel):
         (B, L) and lengths (B,), L = the longest image of the batch."""
         lengths = img_lengths.to(device=images.device, dtype=torch.long)
         mask = length_mask(lengths)
-        x = self.img_fc(images[:, :mask.size(1)]) * mask.unsqueeze(-1).to(images.dtype)
+        x = self.img_fc(images[:, :mask.size(1)])
+        padded = not bool(mask.all())   # e.g. 36 regions everywhere: no masking work
+        if padded:
+            x = x * mask.unsqueeze(-1).to(images.dtype)
         if self.fc_l2norm:
             x = l2norm(x, dim=self.norm_dim)
         for block in self.gcn:
-            x = block(x, mask)
+            x = block(x, mask if padded else None)
         return l2norm(x, dim=self.norm_dim), mask, lengths
 
     def embed_regions(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
