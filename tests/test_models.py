@@ -5,10 +5,12 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from pipeline.errors import InputError
 from pipeline.models import create_model, list_models, model_config, model_from_config
 from pipeline.models.base import ITMModel
+from pipeline.models.ghost_bn import SegmentBatchNorm1d, bn_segments
 from pipeline.models.gpo import GPO
 from pipeline.models.layers import MLP, apply_to_valid, length_mask, sinusoidal_encoding
 
@@ -104,6 +106,46 @@ def test_apply_to_valid_ignores_padding_in_batchnorm():
     y2 = apply_to_valid(mlp, x2, length_mask(torch.tensor([4, 2, 1]), 7))
     assert torch.allclose(y2[:, :4], y, atol=1e-6)
     assert torch.allclose(y[mask], mlp(x[mask]), atol=1e-6)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("shape,segments", [((60, 7), [20, 25, 15]), ((30, 5, 4), [10, 10, 10])])
+def test_segment_batchnorm_equals_one_batchnorm_per_segment(shape, segments, momentum):
+    """Segments normalised in one call == one nn.BatchNorm1d call per segment: output,
+    the gradients of input, weight and bias, and the running statistics and counter."""
+    torch.manual_seed(0)
+    seg_bn = SegmentBatchNorm1d(shape[1], momentum=momentum)
+    nn.init.normal_(seg_bn.weight)
+    nn.init.normal_(seg_bn.bias)
+    plain = nn.BatchNorm1d(shape[1], momentum=momentum)
+    plain.load_state_dict(seg_bn.state_dict())
+    x = torch.randn(*shape, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    grad = torch.randn(*shape)
+    for _ in range(2):      # twice: the second call starts from updated running statistics
+        with bn_segments(segments):
+            y = seg_bn(x)
+        y_ref = torch.cat([plain(part) for part in torch.split(x_ref, segments)])
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-6)
+        (y * grad).sum().backward()
+        (y_ref * grad).sum().backward()
+    for a, b in ((x.grad, x_ref.grad), (seg_bn.weight.grad, plain.weight.grad),
+                 (seg_bn.bias.grad, plain.bias.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for key, val in plain.state_dict().items():
+        torch.testing.assert_close(seg_bn.state_dict()[key], val, rtol=0, atol=1e-6, msg=key)
+    assert int(seg_bn.num_batches_tracked) == 2 * len(segments)
+
+
+def test_segment_batchnorm_gradcheck():
+    torch.manual_seed(0)
+    bn = SegmentBatchNorm1d(3).double()
+    nn.init.normal_(bn.weight)
+    x = torch.randn(12, 3, dtype=torch.float64, requires_grad=True)
+    with bn_segments([4, 5, 3]):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: torch.func.functional_call(bn, {"weight": w, "bias": b}, (x,)),
+            (x, bn.weight.detach().requires_grad_(), bn.bias.detach().requires_grad_()))
 
 
 def test_gpo_weights():
