@@ -113,6 +113,25 @@ def step_times(model_name, base, data, candidates, *, steps: int, batch_size: in
     return out
 
 
+def model_path(text: str) -> tuple[str, str]:
+    model, sep, path = text.partition("=")
+    if not (sep and model and path):
+        raise argparse.ArgumentTypeError(f"expected MODEL=CHECKPOINT, got {text!r}")
+    return model, path
+
+
+def width_options(base, spec: dict, width: int) -> dict:
+    """The base's model options (or the params' for a scratch base) at another embed width."""
+    if base == "scratch":
+        opts = dict(spec.get("model_options") or {})
+    else:
+        from pipeline.checkpoint import read_checkpoint_config
+
+        opts = {k: v for k, v in read_checkpoint_config(base)["model"].items()
+                if k not in ("name", "img_dim", "vocab_size")}
+    return {**opts, "embed_size": int(width)}
+
+
 def fmt(values):
     if not values:
         return "-"
@@ -127,6 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=["vse_inf", "vsrn"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=None, help="[default: the params' epochs]")
+    ap.add_argument("--init", action="append", default=[], metavar="MODEL=CHECKPOINT", type=model_path,
+                    help="fine-tune this base instead of the params' init (repeatable), e.g. "
+                         "a longer pretrain of VSRN")
     ap.add_argument("--base-epochs", type=int, default=4,
                     help="triplet epochs of the base of an init: scratch model")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
@@ -136,8 +158,12 @@ def main(argv=None) -> int:
                          "[default: a quarter of an epoch, rounded up]")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps-only", action="store_true", help="only the step-time measurement")
+    ap.add_argument("--step-widths", type=int, nargs="+", default=[],
+                    help="also time new models of the base's architecture at these embed "
+                         "widths (how the batched / three-pass ratio depends on arithmetic)")
     ap.add_argument("--out", default="artifacts/bench/aoq")
     args = ap.parse_args(argv)
+    inits = dict(args.init)
     torch.set_num_threads(args.threads)
     import yaml
 
@@ -153,8 +179,9 @@ def main(argv=None) -> int:
         cands = spec.get("candidates", candidates)   # a model may mine with its own base
         train = dict(spec.get("train") or {})
         epochs = args.epochs or int(train.get("epochs", 2))
-        base = spec.get("init", "scratch")
-        r = results["models"][model] = {"epochs": epochs, "runs": {v: [] for v in args.variants}}
+        base = inits.get(model) or spec.get("init", "scratch")
+        r = results["models"][model] = {"epochs": epochs, "base": base,
+                                         "runs": {v: [] for v in args.variants}}
         prev = previous.get(model, {}).get("runs", {})
         if base == "scratch" and not args.steps_only:
             base_dir = out / model / "base"
@@ -168,6 +195,12 @@ def main(argv=None) -> int:
             model, base, data, cands, steps=args.step_steps,
             batch_size=int(train.get("batch_size", 128)), model_options=spec.get("model_options"))
         print(model, "step seconds", r["step_seconds"], flush=True)
+        if args.step_widths:
+            r["step_seconds_by_width"] = {
+                str(w): step_times(model, "scratch", data, cands, steps=args.step_steps,
+                                   batch_size=int(train.get("batch_size", 128)),
+                                   model_options=width_options(base, spec, w))
+                for w in args.step_widths}
         if args.steps_only:
             continue
         for seed in args.seeds:
@@ -219,6 +252,10 @@ def table(results: dict) -> str:
         lines.append(f"| {model} | {s['triplet']:.3f} s | {s['aoq_batched']:.3f} s "
                      f"({s['aoq_batched'] / s['triplet']:.2f}× triplet) | {s['aoq_three_passes']:.3f} s | "
                      f"{s['aoq_batched'] / s['aoq_three_passes']:.2f} |")
+        for w, s in r.get("step_seconds_by_width", {}).items():
+            lines.append(f"| {model}, new model, embed width {w} | {s['triplet']:.3f} s | "
+                         f"{s['aoq_batched']:.3f} s ({s['aoq_batched'] / s['triplet']:.2f}× triplet) | "
+                         f"{s['aoq_three_passes']:.3f} s | {s['aoq_batched'] / s['aoq_three_passes']:.2f} |")
     return "\n".join(lines)
 
 

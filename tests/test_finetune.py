@@ -360,3 +360,59 @@ def test_ablation_refreshes_every_quarter_epoch(tiny_data, cands_dir, tmp_path, 
     assert [c["refresh_every_steps"] for c in calls] == [0, 8]  # ceil((500 // 16) / 4)
     assert aoq_ablation.main(args + ["--refresh-steps", "5"]) == 0  # not the cached run
     assert [c["refresh_every_steps"] for c in calls[2:]] == [5]
+
+
+def test_ablation_per_model_init_candidates_and_widths(tiny_data, cands_dir, tmp_path,
+                                                       monkeypatch):
+    """--init MODEL=CHECKPOINT replaces the params' base, a model's own `candidates` folder
+    replaces the section's, and --step-widths times new models at those embed widths."""
+    import yaml
+
+    from stages import evaluate, finetune
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import aoq_ablation
+
+    calls, timed = [], []
+    monkeypatch.setattr(finetune, "run", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(evaluate, "run", lambda **kw: {"metrics": {"rsum": 1.0},
+                                                       "groups": {"family": {"rsum": 1.0}}})
+
+    def step_times(model, base, data, candidates, **kw):
+        timed.append((base, candidates, kw.get("model_options")))
+        return {"triplet": 1.0, "aoq_batched": 0.9, "aoq_three_passes": 1.0}
+
+    monkeypatch.setattr(aoq_ablation, "step_times", step_times)
+    params = tmp_path / "params.yaml"
+    own = tmp_path / "own-candidates"
+    params.write_text(yaml.safe_dump({"finetune": {
+        "data": str(tiny_data), "candidates": "elsewhere",
+        "models": {"vse_inf": {"init": "base/checkpoint", "candidates": str(own),
+                               "train": {"batch_size": 16}}}}}))
+    monkeypatch.setattr(aoq_ablation, "width_options", lambda base, spec, w: {"embed_size": w})
+    out = tmp_path / "bench"
+    assert aoq_ablation.main(["--params", str(params), "--models", "vse_inf", "--seeds", "0",
+                              "--threads", "1", "--variants", "aoq", "--step-widths", "16",
+                              "--init", "vse_inf=longer/checkpoint", "--out", str(out)]) == 0
+    assert [(c["init"], c["candidates_dir"]) for c in calls] == [("longer/checkpoint", str(own))]
+    assert timed == [("longer/checkpoint", str(own), None), ("scratch", str(own), {"embed_size": 16})]
+    saved = json.loads((out / "results.json").read_text())["models"]["vse_inf"]
+    assert saved["base"] == "longer/checkpoint" and "16" in saved["step_seconds_by_width"]
+
+
+def test_ablation_width_options_keep_the_checkpoint_architecture(tmp_path, monkeypatch):
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.models import create_model
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import aoq_ablation
+
+    net = create_model("vsrn", img_dim=8, vocab_size=20, embed_size=16, word_dim=6,
+                       decoder_hidden=10, decoder_word_dim=4)
+    save_checkpoint(tmp_path / "ckpt", net, None)
+    opts = aoq_ablation.width_options(str(tmp_path / "ckpt"), {}, 32)
+    assert opts["embed_size"] == 32 and opts["decoder_hidden"] == 10 and "img_dim" not in opts
+    rebuilt = create_model("vsrn", img_dim=8, vocab_size=20, **opts)
+    assert rebuilt.config == {**net.config, "embed_size": 32}
+    assert aoq_ablation.width_options("scratch", {"model_options": {"word_dim": 6}}, 8) == {
+        "word_dim": 6, "embed_size": 8}
