@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.errors import InputError
@@ -136,6 +137,26 @@ def test_rs_gcn_starts_as_identity():
     mask = length_mask(torch.tensor([5, 3, 1]), 5)
     x = x * mask.unsqueeze(-1)
     assert torch.equal(block(x, mask), x)
+
+
+def test_rs_gcn_without_mask_equals_an_all_valid_mask():
+    """mask None (no padded image: the fast path) == a mask that is True everywhere,
+    in the output and in every gradient, with trained-looking (non-zero) BN parameters."""
+    torch.manual_seed(0)
+    block = RsGCN(8, 6).train()
+    nn.init.normal_(block.w[1].weight)
+    nn.init.normal_(block.w[1].bias)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    grads = []
+    for mask in (None, torch.ones(3, 5, dtype=torch.bool)):
+        with bn_segments([1, 2]):
+            y = block(x, mask)
+        g = torch.autograd.grad((y * torch.arange(y.numel()).view_as(y).sin()).sum(),
+                                [x, *block.parameters()])
+        grads.append((y.detach(), g))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_checkpoint_round_trip(tmp_path):
