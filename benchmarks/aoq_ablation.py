@@ -178,6 +178,7 @@ def main(argv=None) -> int:
         spec = ft["models"][model]
         cands = spec.get("candidates", candidates)   # a model may mine with its own base
         train = dict(spec.get("train") or {})
+        batch_size = int(train.get("batch_size", 128))
         epochs = args.epochs or int(train.get("epochs", 2))
         base = inits.get(model) or spec.get("init", "scratch")
         r = results["models"][model] = {"epochs": epochs, "base": base,
@@ -192,14 +193,13 @@ def main(argv=None) -> int:
             base = str(base_dir / "checkpoint")
             r["base"] = f"{args.base_epochs} triplet epochs from scratch"
         r["step_seconds"] = previous.get(model, {}).get("step_seconds") or step_times(
-            model, base, data, cands, steps=args.step_steps,
-            batch_size=int(train.get("batch_size", 128)), model_options=spec.get("model_options"))
+            model, base, data, cands, steps=args.step_steps, batch_size=batch_size,
+            model_options=spec.get("model_options"))
         print(model, "step seconds", r["step_seconds"], flush=True)
         if args.step_widths:
             r["step_seconds_by_width"] = {
                 str(w): step_times(model, "scratch", data, cands, steps=args.step_steps,
-                                   batch_size=int(train.get("batch_size", 128)),
-                                   model_options=width_options(base, spec, w))
+                                   batch_size=batch_size, model_options=width_options(base, spec, w))
                 for w in args.step_widths}
         if args.steps_only:
             continue
@@ -248,14 +248,14 @@ def table(results: dict) -> str:
     lines += ["", "| model | triplet step | AOQ step, one batched pass | AOQ step, three passes | "
                   "batched / three passes |", "|---|---:|---:|---:|---:|"]
     for model, r in results["models"].items():
-        s = r["step_seconds"]
-        lines.append(f"| {model} | {s['triplet']:.3f} s | {s['aoq_batched']:.3f} s "
-                     f"({s['aoq_batched'] / s['triplet']:.2f}× triplet) | {s['aoq_three_passes']:.3f} s | "
-                     f"{s['aoq_batched'] / s['aoq_three_passes']:.2f} |")
-        for w, s in r.get("step_seconds_by_width", {}).items():
-            lines.append(f"| {model}, new model, embed width {w} | {s['triplet']:.3f} s | "
-                         f"{s['aoq_batched']:.3f} s ({s['aoq_batched'] / s['triplet']:.2f}× triplet) | "
-                         f"{s['aoq_three_passes']:.3f} s | {s['aoq_batched'] / s['aoq_three_passes']:.2f} |")
+        timed = [(model, r["step_seconds"])] + [
+            (f"{model}, new model, embed width {w}", s)
+            for w, s in r.get("step_seconds_by_width", {}).items()]
+        for label, s in timed:
+            lines.append(f"| {label} | {s['triplet']:.3f} s | {s['aoq_batched']:.3f} s "
+                         f"({s['aoq_batched'] / s['triplet']:.2f}× triplet) | "
+                         f"{s['aoq_three_passes']:.3f} s | "
+                         f"{s['aoq_batched'] / s['aoq_three_passes']:.2f} |")
     return "\n".join(lines)
 
 
