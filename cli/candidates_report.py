@@ -18,7 +18,7 @@ from pipeline.errors import InputError
                    "false-negative composition.")
 @click.option("--split", default="train", show_default=True, help="Split of --data.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Report folder.  [default: DIR/report_<name> or DIR/report]")
+              help="Report folder.  [default: DIR_report_<name> or DIR_report, beside DIR]")
 @click.option("--bucket", "buckets", type=click.IntRange(min=1), multiple=True,
               help="Rank bucket b, 'top b' (repeatable).  [default: 1 5 10 20 50 100 300 1000 2000]")
 def candidates_report(candidates_dir: Path, name: str | None, data_dir: Path | None, split: str,
@@ -52,10 +52,11 @@ def candidates_report(candidates_dir: Path, name: str | None, data_dir: Path | N
     if captions is not None and len(captions) != cands.n_captions:
         raise InputError(data_dir / f"{split}_caps.txt",
                          f"{len(captions)} captions, the candidates have {cands.n_captions} caption rows")
-    if out_dir is None:
-        out_dir = candidates_dir / (f"report_{name}" if name else "report")
+    if out_dir is None:   # beside DIR: an output never lies inside an input
+        out_dir = candidates_dir.parent / f"{candidates_dir.name}_report{'_' + name if name else ''}"
     res = write_report(cands, out_dir, graphs=graphs, captions=captions,
-                       buckets=buckets or DEFAULT_BUCKETS, name=name)
+                       buckets=buckets or DEFAULT_BUCKETS, name=name,
+                       inputs=[candidates_dir, data_dir])
     click.echo(f"candidates: i2t {tuple(cands.i2t.shape)}, t2i {tuple(cands.t2i.shape)}, "
                f"scores {'stored' if cands.i2t_scores is not None else 'none (plots skipped)'}")
     for d in ("i2t", "t2i"):

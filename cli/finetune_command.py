@@ -94,7 +94,7 @@ def finetune(model, loss, candidates_dir, init, data_dir, out_dir, epochs, batch
 @click.option("--metrics-dir", type=click.Path(), default="artifacts/metrics", show_default=True,
               help="Folder of evaluate's <run>.json / <run>_groups.json files.")
 @click.option("--run", "runs", multiple=True, metavar="MODEL-LOSS",
-              help="A fine-tuned run to include (repeatable).  [default: the params' matrix]")
+              help="A fine-tuned run to include (repeatable).  [default: the params' finetune.runs]")
 @click.option("--base", default="base_test", show_default=True,
               help="Metrics file stem of the base model ('' for none).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="artifacts/report",
@@ -103,14 +103,15 @@ def finetune(model, loss, candidates_dir, init, data_dir, out_dir, epochs, batch
               help="A model pretrained by the pretrain stage: its pretrain-MODEL row "
                    "(repeatable).  [default: the params' pretrain.models]")
 @click.option("--params", "params_file", type=click.Path(), default=None,
-              help="Take the runs from this params.yaml's finetune.runs (model x loss).")
+              help="Take the runs from this params.yaml's finetune.runs (grouped by model).")
 def report(metrics_dir, runs, base, pretrained, out_dir, params_file):
     """Markdown table and recall plot of the base model and every fine-tuned run."""
     from stages import report as stage
 
-    if not runs:
-        grid = load_section(params_file, "finetune").get("runs") or {}
-        runs = [f"{m}-{lo}" for m in grid.get("model", []) for lo in grid.get("loss", [])]
+    if not runs and params_file:
+        from stages.check_params import finetune_runs
+
+        runs = [r["name"] for r in finetune_runs(load_section(params_file, "finetune"), params_file)]
     if not runs:
         raise InputError(params_file, "no runs: give --run MODEL-LOSS or finetune.runs in --params")
     if not pretrained:

@@ -7,6 +7,7 @@ import sys
 import click
 
 from pipeline.errors import InputError
+from pipeline.io import disk_full
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -26,6 +27,7 @@ def cli(threads):
 
 def _register():
     from cli.candidates_report import candidates_report
+    from cli.check_params import check_params
     from cli.evaluate_sims import evaluate_sims
     from cli.finetune_command import finetune, report
     from cli.import_candidates import import_candidates
@@ -35,7 +37,7 @@ def _register():
 
     for cmd in (prepare_data, validate_data, train, evaluate, embed, mine_candidates, finetune,
                 import_candidates, candidates_report, evaluate_sims, metrics_table, list_models,
-                report):
+                report, check_params):
         cli.add_command(cmd)
 
 
@@ -49,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=argv, prog_name="itm-pipeline", standalone_mode=False)
     except InputError as e:
         click.echo(f"error: {e}", err=True)
+        return 2
+    except OSError as e:
+        # a full disk anywhere the writers do not word it themselves: one line, exit 2
+        # (the writers' temp files are already gone: they clean up on every exception)
+        if not disk_full(e):
+            raise
+        click.echo(f"error: {e.filename or 'writing an output'}: no space left on the device", err=True)
         return 2
     except click.exceptions.Exit as e:
         return e.exit_code

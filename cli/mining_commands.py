@@ -7,6 +7,7 @@ import click
 
 from cli.params import load_section, pick
 from pipeline.errors import InputError
+from pipeline.timings import beside, write_timings
 
 PARAMS_HELP = "Read defaults from this params.yaml (its --section); explicit options win."
 
@@ -66,6 +67,7 @@ def embed(checkpoint, data_dir, split, out_dir, batch_size, device, block_rows, 
                      block_rows=pick(block_rows, p, "block_rows", DEFAULT_BLOCK_ROWS),
                      scheduler=pick(scheduler, p, "scheduler"), workers=pick(workers, p, "workers"),
                      progress=not quiet)
+    write_timings(beside(out_dir), "embed", {"seconds": meta["seconds"]})
     click.echo(f"embedded {meta['split']}: images ({meta['n_img']}, {meta['dim']}), captions "
                f"({meta['n_cap']}, {meta['dim']}) in {meta['seconds']:.1f} s -> {out_dir}")
 
@@ -151,13 +153,15 @@ def mine_candidates(img_embs, cap_embs, embeddings_dir, checkpoint, data_dir, sp
         filters=_filters(p.get("filters"), relative_margin, absolute_margin, range_min, text_filter),
         scheduler=pick(scheduler, p, "scheduler"), workers=pick(workers, p, "workers"),
         progress=not quiet)
-    prec = f", {summary['precision']}" if summary["precision"] else ""
+    timings = summary["timings"]      # the precision `auto` picked, seconds: untracked
+    write_timings(beside(out_dir), "mine-candidates", timings)
+    prec = f", {timings['precision']}" if timings["precision"] else ""
     idx = f", {summary['index']}" if summary["index"] else ""
     click.echo(f"mined {summary['name']}: {summary['n_img']} images x {summary['n_cap']} captions, "
                f"D={summary['dim']}; i2t ({summary['n_img']}, {summary['k_i2t']}), "
                f"t2i ({summary['n_cap']}, {summary['k_t2i']}) "
-               f"[{summary['backend']}{prec}{idx}] in {summary['seconds']:.2f} s, "
-               f"{summary['gflops']:.1f} GFLOP/s effective (2*N_img*N_cap*D / s)")
+               f"[{summary['backend']}{prec}{idx}] in {timings['seconds']:.2f} s, "
+               f"{timings['gflops']:.1f} GFLOP/s effective (2*N_img*N_cap*D / s)")
     capped = [f"{d} {summary[f'k_{d}_requested']} -> {summary[f'k_{d}']}" for d in ("i2t", "t2i")
               if summary[f"k_{d}"] != summary[f"k_{d}_requested"]]
     if capped:

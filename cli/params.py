@@ -6,6 +6,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import InputError
+from pipeline.io import read_yaml
 
 
 def load_section(params_file: str | Path | None, section: str, optional: bool = False) -> dict:
@@ -14,12 +15,7 @@ def load_section(params_file: str | Path | None, section: str, optional: bool = 
     if not params_file:
         return {}
     path = Path(params_file)
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise InputError(path, "params file not found") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise InputError(path, f"unreadable YAML ({e.__class__.__name__})") from None
+    doc = read_yaml(path) or {}
     node = doc
     for key in section.split("."):          # "pretrain.vsrn": a nested section
         if not isinstance(node, dict) or not isinstance(node.get(key), dict):

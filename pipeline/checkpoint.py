@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.data.vocab import Vocab
 from pipeline.errors import InputError
-from pipeline.io import atomic_dir
+from pipeline.io import atomic_dir, read_json, require_free_space
 
 FORMAT = "itm-pipeline/checkpoint-v1"
 WEIGHTS, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
@@ -29,8 +29,11 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_checkpoint(path: str | Path, model, vocab: Vocab | None, meta: dict[str, Any] | None = None) -> Path:
     """Write model weights, config and vocab atomically into directory `path`."""
     path = Path(path)
-    with atomic_dir(path) as tmp:
-        save_file(_contiguous(model.state_dict()), str(tmp / WEIGHTS))
+    state = _contiguous(model.state_dict())
+    require_free_space(path.parent, sum(t.numel() * t.element_size() for t in state.values()),
+                       "the checkpoint")
+    with atomic_dir(path, "checkpoint") as tmp:
+        save_file(state, str(tmp / WEIGHTS))
         config = {"format": FORMAT, "model": model.config, "meta": meta or {}}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if vocab is not None:
@@ -43,12 +46,8 @@ def read_checkpoint_config(path: str | Path) -> dict:
     cfg_path = path / CONFIG
     if not path.is_dir():
         raise InputError(path, "checkpoint directory not found")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise InputError(cfg_path, "missing: not an itm-pipeline checkpoint directory") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(cfg_path, f"unreadable checkpoint config ({e.__class__.__name__})") from None
+    cfg = read_json(cfg_path, missing="missing: not an itm-pipeline checkpoint directory",
+                    unreadable="unreadable checkpoint config")
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or "model" not in cfg:
         raise InputError(cfg_path, f"not an {FORMAT} config")
     return cfg
@@ -57,11 +56,16 @@ def read_checkpoint_config(path: str | Path) -> dict:
 def load_state_dict(file: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     file = Path(file)
     try:
-        return load_file(str(file), device=str(device))
+        state = load_file(str(file), device=str(device))
     except FileNotFoundError:
         raise InputError(file, "weights file not found") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError(file, f"unreadable safetensors file ({e})") from None
+    # a NaN/inf weight makes every score NaN, which no later check can tell from a model
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(file, f"tensor {name!r} has non-finite values (NaN or inf)")
+    return state
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):

@@ -10,7 +10,48 @@ import numpy as np
 import torch
 
 from pipeline.data.datasets import CaptionDataset, collate_captions
+from pipeline.errors import InputError
 from pipeline.progress import progress as progress_bar
+
+# Elements per chunk when scanning rows: a memory-mapped file is never read whole.
+_CHECK_CHUNK_ELEMS = 1 << 22
+
+
+def check_embedding_rows(rows, source, what: str, *, lead: str = "has", start: int = 0,
+                         total: int | None = None, zero_ok: bool = False) -> None:
+    """Refuse rows with a NaN/inf value or (unless zero_ok) an all-zero row, with one
+    InputError naming `source`.
+
+    Either scores NaN or ties every candidate at 0, and ranking or mining would then turn
+    them into numbers. `what` ("image" / "caption") words the message; `start` / `total`
+    place a block of rows within the whole set (row ids are global).
+    """
+    n = int(rows.shape[0])
+    if n == 0:
+        return
+    step = max(1, _CHECK_CHUNK_ELEMS // max(1, int(np.prod(rows.shape[1:]))))
+    n_bad_val = n_zero = 0
+    first = None
+    for s in range(0, n, step):
+        blk = rows[s:s + step]
+        if isinstance(blk, torch.Tensor):
+            blk = blk.detach().float().cpu().numpy()
+        blk = np.asarray(blk).reshape(min(step, n - s), -1)
+        bad_val = ~np.isfinite(blk).all(axis=1)
+        zero = np.zeros_like(bad_val) if zero_ok else ~bad_val & ~(blk != 0).any(axis=1)
+        n_bad_val += int(bad_val.sum())
+        n_zero += int(zero.sum())
+        if first is None and (bad_val.any() or zero.any()):
+            first = start + s + int(np.argmax(bad_val | zero))
+    if first is None:
+        return
+    parts = [f"{k} {kind}" for k, kind in ((n_bad_val, "non-finite"), (n_zero, "zero-norm")) if k]
+    plural = "s" if n_bad_val + n_zero > 1 else ""
+    scope = ""
+    if total is not None and n < total:
+        scope = f" in {what}s {start}..{start + n - 1} of {total}"
+    raise InputError(source, f"{lead} {' and '.join(parts)} {what} embedding{plural}{scope} "
+                             f"(first: {what} {first})")
 
 
 def _rows(emb: torch.Tensor) -> np.ndarray:
@@ -101,12 +142,17 @@ def _embed_dim(model) -> int:
 
 
 def encode_split(model, split, vocab, *, batch_size: int = 128, device: str = "cpu",
-                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 progress: bool = False, source=None) -> tuple[np.ndarray, np.ndarray]:
     """(N_img, D) and (N_cap, D) float32: the model's own outputs for every unique image and
-    caption of the split, in file order."""
+    caption of the split, in file order.
+
+    A non-finite or all-zero row raises InputError(source) (e.g. the checkpoint path): every
+    caller scores or mines these rows, and such a model must give no number at all."""
     img = encode_image_range(model, split, 0, split.n_images, batch_size=batch_size,
                              device=device, normalize=False, progress=progress)
+    check_embedding_rows(img, source, "image", lead="the model gives")
     cap = encode_caption_range(model, split, vocab, 0, split.n_captions,
                                batch_size=2 * batch_size, device=device, normalize=False,
                                progress=progress)
+    check_embedding_rows(cap, source, "caption", lead="the model gives")
     return img, cap

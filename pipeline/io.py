@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,20 +17,45 @@ import numpy as np
 from pipeline.errors import InputError
 
 
+STAMP = ".itm-pipeline"          # in every folder the tool writes: which command wrote it
+_TEMP = re.compile(r"^\..+\.~(\d+)~.*\.tmp$")  # temp names carry the writer's pid
+_TEMP_NAME = re.compile(r"^\.(.+)\.~\d+~.*\.tmp$")
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.~{os.getpid()}~"
+
+
 def temp_beside(path: str | Path) -> Path:
     """An empty hidden temp file in path's folder, with the mode a new file normally gets
-    (mkstemp makes 0600, and a rename keeps the mode)."""
+    (mkstemp makes 0600, and a rename keeps the mode). Its name holds this process's pid, so
+    a later run can tell a temp file left by a killed run from one still being written."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())
     return Path(tmp)
+
+
+def final_name(path: str | Path) -> str:
+    """`path` with each temp name (.NAME.~pid~xyz.tmp) read as the NAME it will be renamed to."""
+    parts = [m.group(1) if (m := _TEMP_NAME.match(p)) else p for p in Path(path).parts]
+    return str(Path(*parts))
+
+
+def disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in _FULL
+
+
+def _full_error(path: Path, e: OSError) -> InputError:
+    return InputError(path, f"no space left on the device while writing it ({short_error(e)})")
 
 
 @contextlib.contextmanager
@@ -40,32 +67,188 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if disk_full(e):
+            raise _full_error(path, e) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory; it replaces `path` (a directory) only if the block succeeds."""
+# -- output folders: written only by the command that owns them -----------------------------
+def written_by(folder: str | Path) -> str | None:
+    """The command whose output `folder` is (its stamp), or None."""
+    try:
+        doc = json.loads((Path(folder) / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc.get("written_by") if isinstance(doc, dict) else None
+
+
+def _stamp(folder: Path, owner: str) -> None:
+    # deterministic content: a DVC-tracked folder must not change between identical runs
+    (folder / STAMP).write_text(json.dumps({"written_by": f"itm-pipeline {owner}"}) + "\n")
+
+
+def _target(path: str | Path) -> Path:
+    """The folder a (symlinked) output path names: the link stays, its target is written."""
     path = Path(path)
+    if path.is_symlink():
+        if not path.exists():
+            raise InputError(path, "is a broken symlink: choose a new folder")
+        return path.resolve()
+    return path
+
+
+def _check_owner(path: Path, owner: str) -> None:
+    """Refuse to write into `path` unless it is new, empty, or `owner`'s earlier output."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise InputError(path, "exists and is not a folder")
+    if any(path.iterdir()) and written_by(path) != f"itm-pipeline {owner}":
+        raise InputError(path, f"is not empty and was not written by {owner}: choose a new folder")
+
+
+def refuse_overlap(out: str | Path, inputs) -> None:
+    """An output folder may not be, lie inside, or contain one of the command's inputs
+    (resolved, symlinks followed): replacing it would destroy what it is built from."""
+    o = Path(out).resolve()
+    for inp in inputs:
+        if inp is None or str(inp) in ("", "scratch"):
+            continue
+        i = Path(inp).resolve()
+        how = ("is" if o == i else "is inside" if i in o.parents
+               else "contains" if o in i.parents else None)
+        if how:
+            raise InputError(out, f"{how} the input {inp}: choose an output folder apart from "
+                                  "the inputs")
+
+
+def sweep_stale_temps(folder: str | Path, recursive: bool = False) -> int:
+    """Remove the temp files and folders of this tool whose writing process is gone (a killed
+    run); another live process's temps stay. Returns how many went."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    gone = 0
+    for entry in list(folder.rglob(".*") if recursive else folder.iterdir()):
+        m = _TEMP.match(entry.name)
+        if not m or _alive(int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        gone += 1
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_dir(path: str | Path, owner: str, inputs=()) -> Path:
+    """Make `path` `owner`'s output folder, written file by file (training runs, which resume
+    in place): refused unless new, empty or `owner`'s own; stale temps of killed runs go."""
+    path = _target(path)
+    refuse_overlap(path, inputs)
+    _check_owner(path, owner)
+    sweep_stale_temps(path.parent)
+    path.mkdir(parents=True, exist_ok=True)
+    if written_by(path) is None:
+        _stamp(path, owner)
+    sweep_stale_temps(path, recursive=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, owner: str, inputs=()) -> Iterator[Path]:
+    """Yield a fresh temporary sibling folder; it replaces `path` only if the block succeeds.
+    An existing `path` is replaced only when `owner` wrote it (its stamp); anything else is
+    refused before any work, and so is a `path` that overlaps an input."""
+    path = _target(path)
+    refuse_overlap(path, inputs)
+    _check_owner(path, owner)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    sweep_stale_temps(path.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        _stamp(tmp, owner)
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
+            _check_owner(path, owner)            # it may have changed while we worked
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+            os.replace(path, old)                # over the empty folder just made
             os.replace(tmp, path)
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
+    except OSError as e:
+        if disk_full(e):
+            raise _full_error(path, e) from None
+        raise
+    except InputError as e:
+        if e.source and e.source.startswith(str(tmp)):   # name the file where it would be
+            raise InputError(final_name(str(path) + e.source[len(str(tmp)):]), e.problem) from None
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def require_free_space(folder: str | Path, nbytes: int, what: str) -> None:
+    """Refuse early (one line) when `folder`'s file system has less room than `nbytes`."""
+    p = Path(folder)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    free = shutil.disk_usage(p).free
+    if nbytes > free:
+        raise InputError(folder, f"not enough free space: {what} needs {_size(nbytes)}, the "
+                                 f"device has {_size(free)} free")
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def open_memmap_out(path: str | Path, dtype, shape) -> np.ndarray:
+    """A new .npy file opened as a writable memmap, its blocks allocated up front: on a full
+    disk the kernel then says ENOSPC here (one line) instead of raising SIGBUS on a write."""
+    path = Path(path)
+    dtype = np.dtype(dtype)
+    shape = tuple(int(s) for s in shape)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    try:
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            offset = f.tell()
+            size = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if size > offset:
+                os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        if disk_full(e):
+            raise InputError(final_name(path), f"no space left on the device for {_size(size)} "
+                                   f"({short_error(e)})") from None
+        raise
+    if size == offset:       # np.memmap cannot map zero bytes
+        return np.zeros(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r+", offset=offset, shape=shape)
 
 
 def write_json(path: str | Path, obj, indent: int = 2) -> None:
@@ -82,6 +265,29 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
+
+
+# -- reading JSON / YAML documents with one-line errors ------------------------------------
+def read_json(path: str | Path, *, missing: str, unreadable: str):
+    """A JSON document; a missing or broken file is an InputError naming it ("missing" and
+    "unreadable" word the two messages; the error class is appended to the second)."""
+    return _read_doc(Path(path), json.loads, (json.JSONDecodeError,), missing, unreadable)
+
+
+def read_yaml(path: str | Path, *, missing: str = "params file not found",
+              unreadable: str = "unreadable YAML"):
+    import yaml
+
+    return _read_doc(Path(path), yaml.safe_load, (yaml.YAMLError,), missing, unreadable)
+
+
+def _read_doc(path: Path, parse, errors: tuple, missing: str, unreadable: str):
+    try:
+        return parse(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, missing) from None
+    except (OSError, UnicodeDecodeError, *errors) as e:
+        raise InputError(path, f"{unreadable} ({e.__class__.__name__})") from None
 
 
 # -- reading .npy files with one-line errors ----------------------------------------------

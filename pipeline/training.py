@@ -9,11 +9,14 @@
   torch RNG, position in the epoch) continues bit for bit like an uninterrupted one.
 - Artifacts: `checkpoint/` (best dev rsum: safetensors + config.json + vocab.json),
   `state/` (resume), `train_log.tsv` (per-epoch metrics for `dvc plots`),
-  `train_metrics.json` (summary for `dvc metrics`). All written atomically.
+  `train_metrics.json` (summary for `dvc metrics`), both free of wall times (the same
+  bytes for the same inputs and seed), and `timings.json` (seconds per epoch, host;
+  not DVC-tracked). All written atomically.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -36,10 +39,15 @@ from pipeline.device import resolve_device
 from pipeline.embeddings import encode_split
 from pipeline.errors import InputError
 from pipeline.evaluation.protocols import evaluate_embeddings
-from pipeline.io import atomic_dir, write_json, write_text
+from pipeline.io import atomic_dir, require_free_space, write_json, write_text
+from pipeline.processes import die_with_parent
+from pipeline.timings import FILE as TIMINGS_FILE, write_timings
 
 LOG_COLUMNS = ["epoch", "lr", "max_violation", "train_loss", "dev_i2t_r1", "dev_i2t_r5",
-               "dev_i2t_r10", "dev_t2i_r1", "dev_t2i_r5", "dev_t2i_r10", "dev_rsum", "seconds"]
+               "dev_i2t_r10", "dev_t2i_r1", "dev_t2i_r5", "dev_t2i_r10", "dev_rsum"]
+# wall times of a history row: in timings.json, not in the DVC-tracked train_log.tsv /
+# train_metrics.json, which are the same bytes for the same inputs and seed
+TIME_KEYS = ("seconds", "refresh_seconds")
 
 
 @dataclass
@@ -202,9 +210,11 @@ class Trainer:
             "settings": dataclasses.asdict(self.s), "model_config": self.model.config,
             "param_groups": opt["param_groups"], "optim_scalars": scalars,
         }
-        with atomic_dir(self.state_dir) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                      str(tmp / "state.safetensors"))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        require_free_space(self.out, sum(t.numel() * t.element_size() for t in tensors.values()),
+                           "the resume state")
+        with atomic_dir(self.state_dir, "train-state") as tmp:
+            save_file(tensors, str(tmp / "state.safetensors"))
             (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1) + "\n")
 
     def load_state(self) -> bool:
@@ -255,8 +265,8 @@ class Trainer:
 
     # ----------------------------------------------------------------- logs
     def write_logs(self) -> None:
-        extra = sorted({k for row in self.history for k in row} - set(LOG_COLUMNS))
-        columns = LOG_COLUMNS[:-1] + extra + LOG_COLUMNS[-1:]  # wall time last
+        extra = sorted({k for row in self.history for k in row} - set(LOG_COLUMNS) - set(TIME_KEYS))
+        columns = LOG_COLUMNS + extra
         lines = ["\t".join(columns)]
         for row in self.history:
             lines.append("\t".join(_fmt(row.get(c)) for c in columns))
@@ -264,11 +274,15 @@ class Trainer:
         best = next((r for r in self.history if r["epoch"] == self.best_epoch), None)
         summary = {"best_epoch": self.best_epoch,
                    "best_dev_rsum": round(self.best_rsum, 4) if math.isfinite(self.best_rsum) else None,
-                   "epochs": len(self.history),
-                   "train_seconds": round(sum(r["seconds"] for r in self.history), 2)}
+                   "epochs": len(self.history)}
         if best:
             summary.update({k: best[k] for k in LOG_COLUMNS if k.startswith("dev_")})
         write_json(self.out / "train_metrics.json", summary)
+        # rewritten from the history (restored on resume), so it covers every epoch
+        write_timings(self.out / TIMINGS_FILE, "train", {
+            "train_seconds": round(sum(r["seconds"] for r in self.history), 2),
+            "epochs": [{"epoch": r["epoch"], **{k: r[k] for k in TIME_KEYS if k in r}}
+                       for r in self.history]})
 
     # ----------------------------------------------------------------- loop
     def run(self, *, resume: bool = False, stop_after_steps: int | None = None,
@@ -300,7 +314,8 @@ class Trainer:
                 loader = DataLoader(self.dataset, batch_sampler=batches[self.step_in_epoch:],
                                     collate_fn=self.collate_fn, num_workers=s.num_workers,
                                     generator=torch.Generator(),  # keep the global RNG untouched
-                                    worker_init_fn=_worker_init if s.num_workers else None)
+                                    worker_init_fn=functools.partial(_worker_init, parent=os.getpid())
+                                    if s.num_workers else None)
                 for batch in loader:
                     loss, logs = self.objective(self.model, _to(batch, self.device),
                                                 epoch=self.epoch, settings=s)
@@ -383,7 +398,8 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _worker_init(_):
+def _worker_init(_, parent: int):
+    die_with_parent(parent)
     # forked workers must not oversubscribe the cores (and faiss/openmp can deadlock)
     torch.set_num_threads(1)
     try:

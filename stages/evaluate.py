@@ -28,7 +28,7 @@ def run(*, checkpoint, data_dir, split: str = "test", protocol: str = "full",
     if vocab is None:
         vocab = Vocab.load(find_vocab(data_dir))
     img, cap = encode_split(model, data, vocab, batch_size=batch_size, device=device,
-                            progress=progress)
+                            progress=progress, source=checkpoint)  # refuses NaN / zero rows
     metrics = evaluate_embeddings(img, cap, protocol)
     if out_json:
         write_json(out_json, metrics)

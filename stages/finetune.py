@@ -16,6 +16,7 @@ from pipeline.data.offline import (OfflineNegativeDataset, collate_offline, defa
 from pipeline.data.precomp import find_vocab, open_split
 from pipeline.data.vocab import Vocab
 from pipeline.errors import InputError
+from pipeline.io import claim_dir
 from pipeline.finetuning import CandidateRefresh, make_objective
 from pipeline.losses.aoq import AOQSettings
 from pipeline.models import create_model
@@ -79,7 +80,9 @@ def run(*, model: str, data_dir, out_dir, loss: str = "aoq", candidates_dir=None
     pairs = PairDataset(train, vocab, train=True, region_drop=settings.region_drop,
                         token_aug=settings.token_aug, seed=settings.seed)
     meta = {"data_dir": str(data_dir), "init": str(init), "loss": loss,
-            "candidates": str(candidates_dir) if candidates_dir else None}
+            # a triplet run reads none: its checkpoint must not name a folder it never
+            # depended on (params.yaml's default candidates)
+            "candidates": str(candidates_dir) if candidates_dir and loss != "triplet" else None}
     kwargs: dict = {"dataset": pairs, "collate_fn": collate_pairs, "objective": triplet_objective}
     if loss != "triplet":
         if candidates_dir is None:
@@ -102,6 +105,7 @@ def run(*, model: str, data_dir, out_dir, loss: str = "aoq", candidates_dir=None
                         refresh_every_steps=int(refresh_every_steps))
     elif refresh_flag:
         raise InputError(refresh_flag, "the triplet loss uses no candidates to refresh")
+    claim_dir(out_dir, "finetune", inputs=[data_dir, init, candidates_dir])
     trainer = Trainer(net, vocab, train, dev, settings, out_dir, device=device, progress=progress,
                       meta=meta, **kwargs)
     return trainer.run(resume=resume, stop_after_steps=stop_after_steps,

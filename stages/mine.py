@@ -20,11 +20,10 @@ import json
 import re
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.errors import InputError
-from pipeline.io import jsonable
+from pipeline.io import atomic_dir, jsonable
 from pipeline.mining.embed import CAP_FILE, IMG_FILE, META_FILE
 from pipeline.mining.mine import MineConfig, mine_embeddings, open_embedding_pair
 
@@ -150,7 +149,9 @@ def run(*, out_dir, cfg: MineConfig | None = None, name: str | None = None, img_
         split: str = "train", embed_options: dict | None = None, summary_json=None,
         filters: dict | None = None, scheduler: str | None = None, workers: int | None = None,
         progress: bool = True) -> dict:
-    """Mine and write the candidate files. Returns a summary (also in ``summary_json``)."""
+    """Mine and write the candidate files. Returns a summary (also in ``summary_json``,
+    less its ``timings``: the files written are the same bytes for the same inputs, and the
+    `mine-candidates` command puts the timings beside the folder, pipeline.timings)."""
     from pipeline.io import write_json
     from pipeline.mining.filters import FilterConfig
 
@@ -159,46 +160,46 @@ def run(*, out_dir, cfg: MineConfig | None = None, name: str | None = None, img_
     out_dir = Path(out_dir)
     if name is not None or data_dir is not None:    # fail before embedding, not after
         name = resolve_name(name, data_dir, None)
-    img_path, cap_path, emb_meta = resolve_inputs(
-        img_embs=img_embs, cap_embs=cap_embs, embeddings_dir=embeddings_dir,
-        checkpoint=checkpoint, data_dir=data_dir, split=split, out_dir=out_dir,
-        embed_options=embed_options, scheduler=scheduler, workers=workers, progress=progress)
-    if name is None:
-        name = resolve_name(None, None, emb_meta)
-    img, cap = open_embedding_pair(img_path, cap_path)
-    n_img, dim = (int(s) for s in img.shape)
-    n_cap = int(cap.shape[0])
-    if emb_meta is not None and (emb_meta.get("n_img"), emb_meta.get("dim")) not in ((n_img, dim), (None, None)):
-        raise InputError(img_path.parent / META_FILE,
-                         f"describes {emb_meta.get('n_img')} x {emb_meta.get('dim')} embeddings, "
-                         f"but {img_path.name} is {n_img} x {dim}")
+    inputs = [img_embs, cap_embs, checkpoint, data_dir] + ([embeddings_dir] if checkpoint is None else [])
+    # the folder is built beside out_dir and renamed into place whole (an earlier output of
+    # this command is replaced; anything else is refused before any work)
+    with atomic_dir(out_dir, "mine-candidates", inputs=inputs) as tmp:
+        def shown(p: Path) -> Path:   # where a file inside the build folder will end up
+            return out_dir / p.relative_to(tmp) if tmp in p.parents else p
 
-    t0 = time.perf_counter()
-    k_i2t, k_t2i = min(int(cfg.k_i2t), n_cap - 5), min(int(cfg.k_t2i), n_img - 1)
-    # with filters on, mine with headroom so every row still holds K afterwards
-    mine_cfg = dataclasses.replace(cfg, k_i2t=min(k_i2t + fcfg.headroom(k_i2t), n_cap - 5),
-                                   k_t2i=min(k_t2i + fcfg.headroom(k_t2i), n_img - 1))
-    # the pass works in memory-mapped files beside the outputs (removed at the end, also on
-    # an error), so a big training set does not need its candidates in private memory
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(out_dir, "output path exists and is not a folder")
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with tempfile.TemporaryDirectory(prefix=".mine-scratch-", dir=out_dir) as scratch:
+        img_path, cap_path, emb_meta = resolve_inputs(
+            img_embs=img_embs, cap_embs=cap_embs, embeddings_dir=embeddings_dir,
+            checkpoint=checkpoint, data_dir=data_dir, split=split, out_dir=tmp,
+            embed_options=embed_options, scheduler=scheduler, workers=workers, progress=progress)
+        if name is None:
+            name = resolve_name(None, None, emb_meta)
+        img, cap = open_embedding_pair(img_path, cap_path)
+        n_img, dim = (int(s) for s in img.shape)
+        n_cap = int(cap.shape[0])
+        if emb_meta is not None and (emb_meta.get("n_img"), emb_meta.get("dim")) not in ((n_img, dim), (None, None)):
+            raise InputError(shown(img_path.parent / META_FILE),
+                             f"describes {emb_meta.get('n_img')} x {emb_meta.get('dim')} embeddings, "
+                             f"but {img_path.name} is {n_img} x {dim}")
+
+        t0 = time.perf_counter()
+        k_i2t, k_t2i = min(int(cfg.k_i2t), n_cap - 5), min(int(cfg.k_t2i), n_img - 1)
+        # with filters on, mine with headroom so every row still holds K afterwards
+        mine_cfg = dataclasses.replace(cfg, k_i2t=min(k_i2t + fcfg.headroom(k_i2t), n_cap - 5),
+                                       k_t2i=min(k_t2i + fcfg.headroom(k_t2i), n_img - 1))
+        # the pass works in memory-mapped files in the build folder (removed before it is
+        # renamed), so a big training set does not need its candidates in private memory
+        with tempfile.TemporaryDirectory(prefix=".mine-scratch-", dir=tmp) as scratch:
             knn = _knn(img, cap, mine_cfg, progress, img_path=img_path, cap_path=cap_path,
                        scheduler=scheduler, workers=workers, scratch=scratch)
-            files, summary = _finish(knn, img, cap, cfg, fcfg, t0, out_dir=out_dir, name=name,
-                                     img_path=img_path, cap_path=cap_path, emb_meta=emb_meta,
-                                     data_dir=data_dir, split=split, checkpoint=checkpoint,
-                                     k_i2t=k_i2t, k_t2i=k_t2i)
+            files, summary = _finish(knn, img, cap, cfg, fcfg, t0, out_dir=tmp, name=name,
+                                     img_path=shown(img_path), cap_path=shown(cap_path),
+                                     emb_meta=emb_meta, data_dir=data_dir, split=split,
+                                     checkpoint=checkpoint, k_i2t=k_i2t, k_t2i=k_t2i)
             del knn
-    except BaseException:
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()                  # leave nothing behind that was not there
-        raise
+        del img, cap
+    summary["files"] = {k: str(shown(Path(v))) for k, v in summary["files"].items()}
     if summary_json:
-        write_json(summary_json, summary)
+        write_json(summary_json, {k: v for k, v in summary.items() if k != "timings"})
     return summary
 
 
@@ -232,13 +233,12 @@ def _finish(knn, img, cap, cfg, fcfg, t0, *, out_dir, name, img_path, cap_path, 
         "k_requested": {"i2t": int(cfg.k_i2t), "t2i": int(cfg.k_t2i)},
         "k": {"i2t": k1, "t2i": k2},
         "backend": cfg.backend,
-        "precision": stats.get("precision", cfg.precision) if cfg.backend == "torch" else None,
+        # the precision asked for: `auto` picks by timing, and the answer is exact in every
+        # case, so the one it picked goes to the timings with the pass statistics
+        "precision": cfg.precision if cfg.backend == "torch" else None,
         "index": cfg.index if cfg.backend == "faiss" else None,
         "device": cfg.device,
         "filters": filters_meta,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(seconds, 3),
-        "stats": stats,
     }
     files = write_candidates(out_dir, name,
                              Candidates.from_knn(knn, meta=meta))
@@ -247,7 +247,11 @@ def _finish(knn, img, cap, cfg, fcfg, t0, *, out_dir, name, img_path, cap_path, 
         "k_i2t": k1, "k_t2i": k2, "k_i2t_requested": int(cfg.k_i2t),
         "k_t2i_requested": int(cfg.k_t2i), "backend": cfg.backend,
         "precision": meta["precision"], "index": meta["index"],
-        "seconds": round(seconds, 3), "gflops": round(flop / max(seconds, 1e-9) / 1e9, 2),
         "files": {k: str(v) for k, v in files.items()},
+        # not in the tracked files (summary_json, the candidates' metadata): see pipeline.timings
+        "timings": {"seconds": round(seconds, 3),
+                    "gflops": round(flop / max(seconds, 1e-9) / 1e9, 2),
+                    "precision": stats.get("precision") if cfg.backend == "torch" else None,
+                    "stats": stats},
     }
     return files, summary

@@ -56,7 +56,7 @@ def prepare_precomp(source, out_dir) -> dict:
     for need in ("train", "dev"):
         if need not in found:
             raise InputError(source, f"no {need} split ({need}_ims.npy or {need}.h5)")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "prepare-data", inputs=[source]) as tmp:
         for split, sp in found.items():
             for name in (f"{split}_ims.npy", f"{split}.h5", f"{split}_caps.txt",
                          f"{split}_precaps.txt", f"{split}_ids.txt"):

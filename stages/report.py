@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.evaluation.table import read_metrics_json
-from pipeline.io import atomic_path, write_text
+from pipeline.io import atomic_dir, atomic_path, write_text
 
 _RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 
@@ -74,9 +74,8 @@ def recall_plot(rows: list[dict], path: Path) -> None:
 def run(*, metrics_dir, runs: list[str], out_dir, base: str | None = "base_test",
         pretrained: list[str] = ()) -> dict:
     rows = collect(metrics_dir, runs, base, pretrained)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
-    write_text(out / "report.md", "# Test-split retrieval, base and fine-tuned runs\n\n" + table)
-    recall_plot(rows, out / "recall.png")
+    with atomic_dir(out_dir, "report", inputs=[metrics_dir]) as out:
+        write_text(out / "report.md", "# Test-split retrieval, base and fine-tuned runs\n\n" + table)
+        recall_plot(rows, out / "recall.png")
     return {"rows": rows, "markdown": table}

@@ -8,6 +8,7 @@ import torch
 from pipeline.data.precomp import find_vocab, open_split
 from pipeline.data.vocab import Vocab
 from pipeline.errors import InputError
+from pipeline.io import claim_dir
 from pipeline.models import create_model, model_config
 from pipeline.training import Trainer, TrainSettings
 
@@ -38,6 +39,7 @@ def run(*, model: str, data_dir: str | Path, out_dir: str | Path, model_options:
         if init_model.config != net.config:
             raise InputError(init_from, "checkpoint config differs from the model being trained")
         net.load_state_dict(init_model.state_dict())
+    claim_dir(out_dir, "train", inputs=[data_dir, init_from, vocab_path])
     trainer = Trainer(net, vocab, train, dev, settings, out_dir, device=device, progress=progress,
                       meta={"data_dir": str(data_dir), "init_from": str(init_from) if init_from else None})
     return trainer.run(resume=resume, stop_after_steps=stop_after_steps,

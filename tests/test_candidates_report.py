@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from pipeline.io import STAMP
 from pipeline.data.scene_graphs import caption_describes_image, family_ids, load_graphs
 from pipeline.errors import InputError
 from pipeline.mining.report import candidates_report
@@ -35,7 +36,7 @@ def test_family_candidates_are_all_siblings(tiny_data, tmp_path):
     assert c.i2t.shape[1] == 20 and c.t2i.shape[1] == 4
     out = tmp_path / "rep"
     res = candidates_report(c, out, graphs=graphs, captions=caps, name="synthetic")
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "scores_i2t.png",
+    assert sorted(p.name for p in out.iterdir() if p.name != STAMP) == ["report.json", "report.md", "scores_i2t.png",
                                                      "scores_t2i.png"]
     assert (out / "scores_i2t.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(res))
@@ -135,14 +136,17 @@ def test_cli(tiny_data, tmp_path):
     res = CliRunner().invoke(cmd, [str(cdir), "--data", str(tiny_data), "--out", str(out), "--bucket", "5"])
     assert res.exit_code == 0, res.output
     assert "i2t top 20: siblings 100.0%" in res.output
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "scores_i2t.png",
+    assert sorted(p.name for p in out.iterdir() if p.name != STAMP) == ["report.json", "report.md", "scores_i2t.png",
                                                      "scores_t2i.png"]
     rep = json.loads((out / "report.json").read_text())
     assert rep["i2t"]["buckets"] == [5, 20] and rep["meta"]["backend"] == "torch"
-    # default output folder; no --data: no composition
+    # default output folder, beside the candidates (never inside an input); no --data: no composition
     res = CliRunner().invoke(cmd, [str(cdir), "--name", "synthetic"])
     assert res.exit_code == 0, res.output
-    assert (cdir / "report_synthetic" / "report.md").is_file()
+    assert (tmp_path / "cands_report_synthetic" / "report.md").is_file()
+    # an output inside the input folder is refused
+    res = CliRunner().invoke(cmd, [str(cdir), "--out", str(cdir / "report")])
+    assert isinstance(res.exception, InputError) and "is inside the input" in str(res.exception)
     # bad input: InputError (the CLI's main prints it on one line, exit 2)
     res = CliRunner().invoke(cmd, [str(tmp_path / "missing")])
     assert isinstance(res.exception, InputError) and "candidate folder not found" in str(res.exception)

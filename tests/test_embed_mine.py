@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cli.main import main
+from pipeline.io import STAMP
 from pipeline.checkpoint import checkpoint_hash, load_checkpoint
 from pipeline.data.precomp import open_split
 from pipeline.embeddings import encode_split
@@ -54,7 +55,7 @@ def test_embed_matches_encode_split(ckpt, tiny_data, emb_dir, embs):
     meta = json.loads((emb_dir / META_FILE).read_text())
     assert meta["checkpoint_hash"] == checkpoint_hash(ckpt)
     assert (meta["n_img"], meta["n_cap"], meta["dim"], meta["split"]) == (N_IMG, 5 * N_IMG, 16, "train")
-    assert meta["model"] == "vsepp" and meta["seconds"] >= 0
+    assert meta["model"] == "vsepp" and "seconds" not in meta   # tracked: no wall time
     assert sorted(p.name for p in emb_dir.iterdir()) == sorted([IMG_FILE, CAP_FILE, META_FILE])
 
 
@@ -130,12 +131,42 @@ def test_mine_cli_from_embeddings_equals_reference(emb_dir, embs, ckpt, tmp_path
     meta = json.loads((out / "candidates_tiny.json").read_text())["meta"]
     assert meta["checkpoint_hash"] == checkpoint_hash(ckpt)     # from embeddings.json
     assert meta["dim"] == 16 and meta["backend"] == "torch"
-    assert meta["precision"] in ("bf16", "fp16", "fp32")  # the default `auto`, resolved
+    assert meta["precision"] == "auto"   # as asked: what `auto` picked is in the timings
     assert meta["k"] == {"i2t": 30, "t2i": 7} and meta["k_requested"] == {"i2t": 30, "t2i": 7}
-    assert meta["filters"] == {} and meta["created_at"] and "tiles" in meta["stats"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(    # the scratch folder is gone
+    assert meta["filters"] == {} and not {"created_at", "seconds", "stats"} & set(meta)
+    timings = json.loads((tmp_path / "cands.timings.json").read_text())
+    assert timings["command"] == "mine-candidates" and timings["host"] and timings["seconds"] >= 0
+    assert timings["precision"] in ("bf16", "fp16", "fp32") and "tiles" in timings["stats"]
+    assert sorted(p.name for p in out.iterdir() if p.name != STAMP) == sorted(    # the scratch folder is gone
         ["i2t_tiny.npy", "t2i_tiny.npy", "i2t_tiny.parquet", "t2i_tiny.parquet",
          "candidates_tiny.json"])
+
+
+def _tree_bytes(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_identical_inputs_give_identical_bytes(ckpt, tiny_data, tmp_path, capsys):
+    """DVC keeps the stages downstream cached only if a re-run writes the same bytes: embed
+    and mine twice into the same folders (precision auto, which picks by timing) and compare
+    every file, Parquet and JSON metadata included; times go to the untracked timings."""
+    emb, out, summary = tmp_path / "emb", tmp_path / "cands", tmp_path / "mine.json"
+    embed = ["embed", "--checkpoint", str(ckpt), "--data", str(tiny_data), "--out", str(emb),
+             "--quiet"]
+    mine = ["mine-candidates", "--quiet", "--embeddings-dir", str(emb), "--out", str(out),
+            "--k-i2t", "30", "--k-t2i", "7", "--summary-json", str(summary)]
+    runs = []
+    for _ in range(2):
+        assert main(embed) == 0 and main(mine) == 0, capsys.readouterr().err
+        runs.append((_tree_bytes(emb), _tree_bytes(out), summary.read_bytes()))
+    assert runs[0] == runs[1]
+    assert {"embeddings.json", "img_embs.npy"} <= set(runs[0][0])
+    assert sum(name.endswith(".parquet") for name in runs[0][1]) == 2
+    assert "seconds" not in json.loads(summary.read_text())
+    for name in ("emb", "cands"):
+        assert json.loads((tmp_path / f"{name}.timings.json").read_text())["seconds"] >= 0
+    assert "GFLOP/s" in capsys.readouterr().out      # the printed summary keeps its times
 
 
 def test_mine_failure_leaves_nothing(emb_dir, tmp_path, capsys, monkeypatch):
@@ -153,9 +184,10 @@ def test_mine_failure_leaves_nothing(emb_dir, tmp_path, capsys, monkeypatch):
     existing = tmp_path / "old"
     existing.mkdir()
     (existing / "keep.txt").write_text("x")
-    with pytest.raises(OSError):
-        main(["mine-candidates", "--quiet", "--embeddings-dir", str(emb_dir), "--out",
-              str(existing), "--name", "x", "--k-i2t", "5", "--k-t2i", "2"])
+    # a folder the command did not write is refused before any work, and left as it was
+    assert main(["mine-candidates", "--quiet", "--embeddings-dir", str(emb_dir), "--out",
+                 str(existing), "--name", "x", "--k-i2t", "5", "--k-t2i", "2"]) == 2
+    assert "was not written by mine-candidates" in capsys.readouterr().err
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
 
 

@@ -1,4 +1,5 @@
-"""End to end: the real dvc.yaml on smoke-sized params, then a no-op second `dvc repro`."""
+"""End to end: the real dvc.yaml on smoke-sized params, then a no-op second `dvc repro`,
+and forced re-runs that leave every stage up to date (the same bytes)."""
 import json
 import os
 import shutil
@@ -34,9 +35,11 @@ def test_dvc_repro_smoke(tmp_path):
     _dvc(["init", "-q"], work)
     out = _dvc(["repro"], work)
     runs = [f"{m}-{lo}" for m in ("vse_inf", "vsrn") for lo in ("triplet", "aoq")]
-    for stage in ("prepare", "train_base", "evaluate_base", "embed", "mine", "report",
-                  "pretrain@vsrn", "evaluate_pretrain@vsrn",
-                  *(f"finetune@{r}" for r in runs), *(f"evaluate@{r}" for r in runs)):
+    group = {r: "online" if r.endswith("-triplet") else "offline" for r in runs}
+    for stage in ("check_params", "prepare", "train_base", "evaluate_base", "embed", "mine",
+                  "report", "pretrain@vsrn", "evaluate_pretrain@vsrn",
+                  *(f"finetune_{group[r]}@{r}" for r in runs),
+                  *(f"evaluate_{group[r]}@{r}" for r in runs)):
         assert f"Running stage '{stage}'" in out
     metrics = json.loads((work / "artifacts/metrics/base_test.json").read_text())
     assert set(metrics) == METRIC_KEYS and metrics["protocol"] == "full"
@@ -70,8 +73,20 @@ def test_dvc_repro_smoke(tmp_path):
     header = (work / "artifacts/finetune/vsrn-aoq/train_log.tsv").read_text().splitlines()[0]
     assert {"train_weight_negative", "train_caption"} <= set(header.split("\t"))
     assert (work / "dvc.lock").exists()
+    # each run depends on its own base only, and a triplet run on no candidates
+    lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    deps = {r: {d["path"] for d in lock[f"finetune_{group[r]}@{r}"]["deps"]} for r in runs}
+    base = {"vse_inf": "artifacts/base/checkpoint", "vsrn": "artifacts/pretrain/vsrn/checkpoint"}
+    for r in runs:
+        model = r.split("-")[0]
+        assert deps[r] == {"artifacts/data", base[model], f"configs/models/{model}.yaml"} | (
+            {"artifacts/candidates"} if group[r] == "offline" else set()), (r, deps[r])
     again = _dvc(["repro"], work)
     assert "Running stage" not in again, again
+    # identical inputs, identical bytes: forced re-runs of mining and of a fine-tune (whose
+    # outputs the evaluate and report stages read) leave nothing to do
+    _dvc(["repro", "-f", "-s", "mine", "finetune_offline@vse_inf-aoq"], work)
+    assert "up to date" in _dvc(["status"], work)
     shown = _dvc(["metrics", "show"], work)
     assert "base_test.json" in shown and "rsum" in shown
     assert all(f"{r}.json" in shown for r in runs)

@@ -37,14 +37,44 @@ def test_report_missing_run_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "r" / "report.md").exists()
 
 
+RUNS = ("finetune:\n  runs:\n    online: {}\n    offline:\n      vsrn-aoq: {model: vsrn, loss: aoq, "
+        "init: artifacts/pretrain/vsrn/checkpoint, candidates: artifacts/candidates}\n")
+
+
+def test_report_runs_from_params_grouped_by_model(tmp_path, capsys):
+    m = tmp_path / "metrics"
+    m.mkdir()
+    runs = ["vse_inf-triplet", "vse_inf-aoq", "vsrn-triplet", "vsrn-offtri"]
+    for name in ["base_test", *runs]:
+        (m / f"{name}.json").write_text(json.dumps(_metrics(80.0)))
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "finetune:\n  runs:\n    online:\n"
+        "      vse_inf-triplet: {model: vse_inf, loss: triplet, init: a}\n"
+        "      vsrn-triplet: {model: vsrn, loss: triplet, init: b}\n"
+        "    offline:\n"
+        "      vsrn-offtri: {model: vsrn, loss: offtri, init: b, candidates: c}\n"
+        "      vse_inf-aoq: {model: vse_inf, loss: aoq, init: a, candidates: c}\n")
+    assert main(["report", "--metrics-dir", str(m), "--params", str(params),
+                 "--out", str(tmp_path / "r")]) == 0
+    lines = [ln for ln in (tmp_path / "r" / "report.md").read_text().splitlines() if ln.startswith("| ")]
+    assert [" ".join(ln.split(" | ")[:2])[2:] for ln in lines[2:]] == [r.replace("-", " ") for r in runs]
+    # the model x loss grid of earlier versions: one line naming the file
+    params.write_text("finetune:\n  runs:\n    model: [vsrn]\n    loss: [aoq]\n")
+    capsys.readouterr()
+    assert main(["report", "--metrics-dir", str(m), "--params", str(params),
+                 "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(params) in err and "online" in err
+
+
 def test_report_pretrained_rows_from_params(tmp_path, capsys):
     m = tmp_path / "metrics"
     m.mkdir()
     for name, r1 in (("base_test", 78.0), ("pretrain-vsrn", 40.0), ("vsrn-aoq", 45.0)):
         (m / f"{name}.json").write_text(json.dumps(_metrics(r1)))
     params = tmp_path / "params.yaml"
-    params.write_text("finetune:\n  runs:\n    model: [vsrn]\n    loss: [aoq]\n"
-                      "pretrain:\n  models: [vsrn]\n")
+    params.write_text(RUNS + "pretrain:\n  models: [vsrn]\n")
     rc = main(["report", "--metrics-dir", str(m), "--params", str(params), "--out", str(tmp_path / "r")])
     assert rc == 0, capsys.readouterr().err
     lines = [ln for ln in (tmp_path / "r" / "report.md").read_text().splitlines() if ln.startswith("| ")]
@@ -52,7 +82,7 @@ def test_report_pretrained_rows_from_params(tmp_path, capsys):
         ["| base", "(base)"], ["| vsrn", "(pretrain)"], ["| vsrn", "aoq"]]
     assert lines[2].split(" | ")[2] == "40.0"
     # without a pretrain section: no such row, and no error
-    params.write_text("finetune:\n  runs:\n    model: [vsrn]\n    loss: [aoq]\n")
+    params.write_text(RUNS)
     assert main(["report", "--metrics-dir", str(m), "--params", str(params),
                  "--out", str(tmp_path / "r2")]) == 0
     assert "(pretrain)" not in (tmp_path / "r2" / "report.md").read_text()

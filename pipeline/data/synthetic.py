@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.io import atomic_dir
+from pipeline.io import atomic_dir, open_memmap_out
 
 SPLITS = ("train", "dev", "test")
 EDIT_TYPES = ("attribute", "object", "binding", "relation", "scene")
@@ -623,15 +623,15 @@ def generate(out_dir: str | Path, config: SyntheticConfig | None = None, progres
     stats = {"splits": {}}
     all_caps = {}
     chunk = int(np.clip(2 ** 24 // (cfg.n_regions * cfg.feature_dim), 64, 1024))  # ~64 MiB of float32 per chunk
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "prepare-data") as tmp:
         for split in SPLITS:
             n_img = sizes[split]
             g = _sample_graphs(cfg, n_img, _rng(cfg, split, "graphs"))
             g = _permute(g, _rng(cfg, split, "order").permutation(n_img))
             records, captions = _graph_records(g, cfg, _rng(cfg, split, "captions"), offsets[split])
             _log(progress, f"{split}: {n_img} images, {len(captions)} captions")
-            feats = np.lib.format.open_memmap(tmp / f"{split}_ims.npy", mode="w+", dtype=np.float32,
-                                              shape=(n_img, cfg.n_regions, cfg.feature_dim))
+            feats = open_memmap_out(tmp / f"{split}_ims.npy", np.float32,
+                                    (n_img, cfg.n_regions, cfg.feature_dim))
             frng = _rng(cfg, split, "features")
             for s in range(0, n_img, chunk):
                 rows = np.arange(s, min(s + chunk, n_img))

@@ -8,13 +8,13 @@ any script.
 """
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from pipeline.errors import InputError
+from pipeline.io import read_json
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
@@ -114,12 +114,7 @@ class Vocab:
     @classmethod
     def load(cls, path: str | Path) -> "Vocab":
         path = Path(path)
-        try:
-            obj = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise InputError(path, "vocab file not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(path, f"unreadable vocab JSON ({e.__class__.__name__})") from None
+        obj = read_json(path, missing="vocab file not found", unreadable="unreadable vocab JSON")
         return cls.from_json(obj, path)
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.embeddings import check_embedding_rows
 from pipeline.errors import InputError
 from pipeline.io import open_npy
 from pipeline.evaluation.ranks import (
@@ -141,6 +142,9 @@ def evaluate_embeddings(img_embs, cap_embs, protocol: str, chunk: int = 1024, so
             f"{tuple(img_embs.shape)} and {tuple(cap_embs.shape)}",
         )
     _check_protocol(protocol, n, source)
+    # never a score from NaN/inf rows (a zero row only ties at 0: the tie rule ranks it)
+    check_embedding_rows(img_embs, source, "image", zero_ok=True)
+    check_embedding_rows(cap_embs, source, "caption", zero_ok=True)
     fold_metrics = []
     for f0, f1 in _folds(protocol, n):
         ranks = ranks_from_embeddings(

@@ -21,6 +21,12 @@ This is what ``np.argsort(-s, kind="stable")`` gives, and it is deterministic: a
 that outputs a constant score gets rank 0 for the first candidate, not an optimistic
 rank for every candidate.
 
+NaN scores
+----------
+A NaN score ranks worst: a NaN positive ranks last (N - 1, N the candidates in the row or
+column; an image ranks last when all five of its captions score NaN), and a NaN negative
+never beats or ties a positive. So a NaN model scores recall 0, never a perfect rsum.
+
 Memory
 ------
 Nothing here materialises more than one row block of ``chunk x N_cap`` scores (plus
@@ -98,9 +104,17 @@ def ranks_from_blocks(
         # its rank is the minimum over the five ranks under the tie rule.
         pos_cols = c0 + CAPS_PER_IMAGE * rows[:, None] + five[None, :]  # (b, 5)
         own = blk[rows[:, None], pos_cols]
-        best = np.argmax(own, axis=1)
+        own_nan = np.isnan(own)
+        if own_nan.any():
+            # argmax would pick a NaN: take the first maximum among the non-NaN positives
+            best = np.argmax(np.where(own_nan, -np.inf, own), axis=1)
+            fix = own_nan[rows, best]  # every non-NaN positive is -inf (or there is none)
+            best[fix] = np.argmax(~own_nan[fix], axis=1)
+        else:
+            best = np.argmax(own, axis=1)
         p = pos_cols[rows, best]
         v = own[rows, best][:, None]
+        # comparisons with NaN are False, so a NaN negative never beats a positive
         ranks = np.count_nonzero(blk > v, axis=1).astype(np.int64)
         eq = blk == v
         tied_rows = np.flatnonzero(np.count_nonzero(eq, axis=1) > 1)
@@ -108,6 +122,8 @@ def ranks_from_blocks(
             ranks[tied_rows] += np.count_nonzero(
                 eq[tied_rows] & (cols[None, :] < p[tied_rows, None]), axis=1
             )
+        # ... and would give a NaN positive rank 0: it ranks last instead
+        ranks[own_nan.all(axis=1)] = n_cap - 1
         i2t[r0:r1] = ranks
         del eq
 
@@ -127,6 +143,8 @@ def ranks_from_blocks(
         t2i[c0:c1] -= band[g_local, np.arange(c1 - c0)] > band_pos
         # columns whose image comes before this block: ties have a higher index, not counted
 
+    # a NaN positive beats nothing and ties nothing (count 0): it ranks last instead
+    t2i[np.isnan(pos)] = n_img - 1
     return i2t, t2i
 
 

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from pipeline.io import open_npy, temp_beside
+from pipeline.io import disk_full, open_npy, short_error, temp_beside
 
 CAPTIONS_PER_IMAGE = 5
 FORMAT_VERSION = 1
@@ -380,6 +380,11 @@ def write_candidates(out_dir, name: str, cands: Candidates, meta: dict | None = 
         tmps["summary"].write_text(_dumps(summary, indent=2) + "\n")
         for key in ("i2t_npy", "t2i_npy", "i2t_parquet", "t2i_parquet", "summary"):
             os.replace(tmps[key], paths[key])
+    except OSError as e:
+        if disk_full(e):
+            raise InputError(out_dir, f"no space left on the device for the candidate files "
+                                      f"({short_error(e)})") from None
+        raise
     finally:
         for tmp in tmps.values():
             if tmp.exists():

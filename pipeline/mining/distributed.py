@@ -64,6 +64,7 @@ import numpy as np
 
 from pipeline.device import resolve_device
 from pipeline.errors import InputError
+from pipeline.io import open_memmap_out
 from pipeline.mining.reference import KnnResult, canonical_dot, validate_inputs
 
 CONNECT_TIMEOUT_S = 10
@@ -438,8 +439,10 @@ def embed_distributed(checkpoint, data_dir, split: str, out_dir, client, *,
                 for k, name, n in (("img", embed.IMG_FILE, n_img), ("cap", embed.CAP_FILE, n_cap)):
                     tmp = embed._temp_npy(out_dir, name)
                     temps.append(tmp)
-                    mm[k] = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                                      shape=(n, dim))
+                    mm[k] = open_memmap_out(tmp, np.float32, (n, dim))
+            embed.check_embedding_rows(rows, checkpoint, "image" if kind == "img" else "caption",
+                                       lead="the model gives", start=start,
+                                       total=n_img if kind == "img" else n_cap)
             mm[kind][start:start + rows.shape[0]] = rows
             bar.update(1)
         for a in mm.values():

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.embeddings import encode_caption_range, encode_image_range  # noqa: F401 (re-exported for scale-out)
+from pipeline.embeddings import check_embedding_rows, encode_caption_range, encode_image_range  # noqa: F401 (re-exported for scale-out)
 from pipeline.errors import InputError
-from pipeline.io import temp_beside
+from pipeline.io import open_memmap_out, temp_beside
 
 IMG_FILE, CAP_FILE, META_FILE = "img_embs.npy", "cap_embs.npy", "embeddings.json"
 FORMAT = "itm-pipeline/embeddings-v1"
@@ -73,22 +73,27 @@ def embed_split(checkpoint, data_dir, split: str, out_dir, *, batch_size: int = 
         # The first block tells the embedding width D; then the memmaps are sized.
         first = encode_image_range(model, data, *img_plan[0], batch_size=batch_size,
                                    device=device)
+        check_embedding_rows(first, checkpoint, "image", lead="the model gives",
+                             start=img_plan[0][0], total=n_img)
         dim = int(first.shape[1])
         temps += [_temp_npy(out_dir, IMG_FILE), _temp_npy(out_dir, CAP_FILE)]
-        img_mm = np.lib.format.open_memmap(temps[0], mode="w+", dtype=np.float32,
-                                           shape=(n_img, dim))
-        cap_mm = np.lib.format.open_memmap(temps[1], mode="w+", dtype=np.float32,
-                                           shape=(n_cap, dim))
+        img_mm = open_memmap_out(temps[0], np.float32, (n_img, dim))
+        cap_mm = open_memmap_out(temps[1], np.float32, (n_cap, dim))
         img_mm[img_plan[0][0]:img_plan[0][1]] = first
         bar.update(len(first))
         del first
         for s, e in img_plan[1:]:
-            img_mm[s:e] = encode_image_range(model, data, s, e, batch_size=batch_size,
-                                             device=device)
+            rows = encode_image_range(model, data, s, e, batch_size=batch_size, device=device)
+            check_embedding_rows(rows, checkpoint, "image", lead="the model gives", start=s,
+                                 total=n_img)
+            img_mm[s:e] = rows
             bar.update(e - s)
         for s, e in cap_plan:
-            cap_mm[s:e] = encode_caption_range(model, data, vocab, s, e,
-                                               batch_size=2 * batch_size, device=device)
+            rows = encode_caption_range(model, data, vocab, s, e, batch_size=2 * batch_size,
+                                        device=device)
+            check_embedding_rows(rows, checkpoint, "caption", lead="the model gives", start=s,
+                                 total=n_cap)
+            cap_mm[s:e] = rows
             bar.update(e - s)
         bar.close()
         img_mm.flush()
@@ -138,8 +143,9 @@ def publish_embeddings(out_dir: Path, img_tmp: Path, cap_tmp: Path, *, checkpoin
     (out_dir / META_FILE).unlink(missing_ok=True)
     os.replace(img_tmp, out_dir / IMG_FILE)
     os.replace(cap_tmp, out_dir / CAP_FILE)
-    meta["seconds"] = round(time.perf_counter() - t0, 3)
     write_json(out_dir / META_FILE, meta)
-    return meta
+    # the wall time is returned, not written: embeddings.json is DVC-tracked and must be the
+    # same bytes for the same inputs (stages.embed puts it in a timings file)
+    return {**meta, "seconds": round(time.perf_counter() - t0, 3)}
 
 

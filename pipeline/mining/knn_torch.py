@@ -135,6 +135,7 @@ import torch
 
 from pipeline.device import resolve_device
 from pipeline.errors import InputError
+from pipeline.io import open_memmap_out
 from pipeline.mining.reference import (FLOAT32_LOWEST, U64, KnnResult, canonical_dot, gamma,
                                        rescore_delta, shared_tensor, validate_inputs)
 
@@ -545,8 +546,7 @@ class _Scratch:
             return np.empty(shape, dtype=dtype)
         self.count += 1
         self.folder.mkdir(parents=True, exist_ok=True)
-        return np.lib.format.open_memmap(self.folder / f"{name}-{self.count}.npy", mode="w+",
-                                         dtype=dtype, shape=tuple(shape))
+        return open_memmap_out(self.folder / f"{name}-{self.count}.npy", dtype, shape)
 
     def tensor(self, shape, dtype) -> torch.Tensor:
         """A CPU tensor of a torch dtype (bf16 is stored as its uint16 bits)."""

@@ -110,12 +110,11 @@ def _in_memory(x):
 
 
 # --------------------------------------------------------------------------- inputs
-_FINITE_CHUNK_BYTES = 64 << 20
-
-
 def open_embeddings(path: str | Path, what: str) -> np.ndarray:
-    """Memory-map a 2-D float .npy embedding file and check it (finite, non-empty).
+    """Memory-map a 2-D float .npy embedding file and check it (non-empty; every row
+    finite and not all zero).
     ``what`` ("image" / "caption") only words the messages."""
+    from pipeline.embeddings import check_embedding_rows
     from pipeline.io import open_npy
 
     path = Path(path)
@@ -126,11 +125,7 @@ def open_embeddings(path: str | Path, what: str) -> np.ndarray:
         raise InputError(path, f"{what} embeddings must be floating point, got dtype {arr.dtype}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise InputError(path, f"{what} embeddings are empty, shape {arr.shape}")
-    step = max(1, _FINITE_CHUNK_BYTES // (arr.shape[1] * arr.dtype.itemsize))
-    for s in range(0, arr.shape[0], step):
-        ok = np.isfinite(arr[s:s + step]).all(axis=1)
-        if not ok.all():
-            raise InputError(path, f"row {s + int(np.argmin(ok))} has a NaN or infinite value")
+    check_embedding_rows(arr, path, what)  # in chunks: the memmap is not read whole
     return arr
 
 

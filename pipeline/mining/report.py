@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.io import atomic_path, jsonable, write_text
+from pipeline.io import atomic_dir, atomic_path, jsonable, write_text
 from pipeline.mining.filters import CAPS_PER_IMAGE, FactIndex
 
 DEFAULT_BUCKETS = (1, 5, 10, 20, 50, 100, 300, 1000, 2000)
@@ -188,15 +188,23 @@ def _examples(d: str, ids: np.ndarray, scores, captions, idx: FactIndex | None) 
 
 
 def candidates_report(cands, out_dir, *, graphs=None, captions: Sequence[str] | None = None,
-                      buckets: Sequence[int] = DEFAULT_BUCKETS, name: str | None = None) -> dict:
+                      buckets: Sequence[int] = DEFAULT_BUCKETS, name: str | None = None,
+                      inputs=()) -> dict:
     """Write the report files for ``cands`` (a ``Candidates``-like object: ``i2t``, ``t2i``,
     ``i2t_scores``, ``t2i_scores`` (or None), ``meta``) into ``out_dir``; return the JSON dict.
 
     ``graphs``: scene graphs of the split (``load_graphs``) or a ``FactIndex``: adds the
     composition tables. ``captions``: the split's captions: adds a few examples. ``name``:
-    the candidate set's name (shown in titles).
+    the candidate set's name (shown in titles). ``inputs``: folders the report is made
+    from, which ``out_dir`` may not overlap. The folder is built beside ``out_dir`` and
+    renamed into place whole (replacing only an earlier candidates report).
     """
-    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, "candidates-report", inputs=inputs) as tmp:
+        return _write_report(cands, tmp, graphs=graphs, captions=captions, buckets=buckets,
+                             name=name)
+
+
+def _write_report(cands, out_dir: Path, *, graphs, captions, buckets, name) -> dict:
     i2t, t2i = cands.i2t, cands.t2i
     n_i, n_c = i2t.shape[0], t2i.shape[0]
     if i2t.ndim != 2 or t2i.ndim != 2 or i2t.shape[1] < 1 or t2i.shape[1] < 1:
@@ -230,8 +238,6 @@ def candidates_report(cands, out_dir, *, graphs=None, captions: Sequence[str] | 
         if scores is not None:
             _plot(png, scores, d, f"{d} candidates of {name or 'an unnamed set'}")
             plots.append(png.name)
-        elif png.exists():
-            png.unlink()                      # a stale plot from an earlier report
         result[d] = sec
         ex = _examples(d, ids, scores, captions, idx) if captions is not None else []
         md_sections += _md_direction(d, sec, ex)
