@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.data import CAPS_PER_IMAGE
 from pipeline.errors import InputError
 
 
@@ -43,10 +44,10 @@ def candidates_report(candidates_dir: Path, name: str | None, data_dir: Path | N
             graphs = load_graphs(data_dir, split)
             n_images = len(graphs)
         elif captions is not None:
-            n_images = len(captions) // 5
+            n_images = len(captions) // CAPS_PER_IMAGE
         if captions is None and graphs is None:
             raise InputError(data_dir, f"neither {split}_caps.txt nor {split}_graphs.jsonl found")
-        if captions is not None and graphs is not None and len(captions) != 5 * len(graphs):
+        if captions is not None and graphs is not None and len(captions) != CAPS_PER_IMAGE * len(graphs):
             raise InputError(caps_path, f"{len(captions)} captions, but {len(graphs)} scene graphs")
     cands = load_candidates(candidates_dir, name, n_images=n_images)
     if captions is not None and len(captions) != cands.n_captions:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.data import CAPS_PER_IMAGE
 from pipeline.evaluation.protocols import PROTOCOLS, evaluate_sims as _evaluate_sims, load_sims
 from pipeline.evaluation.table import format_metrics_table
 from pipeline.io import write_json
@@ -28,7 +29,7 @@ def evaluate_sims(sims_path: Path, protocol: str, json_path: Path | None, chunk:
     sims = load_sims(sims_path)  # InputError (exit 2) for missing/corrupt/misshapen/non-finite
     metrics = _evaluate_sims(sims, protocol, chunk=chunk, source=str(sims_path))
     n_img = int(sims.shape[0])
-    title = f"{sims_path} ({n_img} images x {5 * n_img} captions, protocol {protocol})"
+    title = f"{sims_path} ({n_img} images x {CAPS_PER_IMAGE * n_img} captions, protocol {protocol})"
     click.echo(format_metrics_table({protocol: metrics}, title=title), nl=False)
     click.echo(
         f"medr i2t {metrics['i2t_medr']:g}  t2i {metrics['t2i_medr']:g}   "

@@ -6,14 +6,13 @@ import click
 from cli.params import load_section, pick, run_options
 from cli.stage_commands import PARAMS_HELP, run_folder_options
 from pipeline.errors import InputError
-from pipeline.losses.aoq import LOSSES
+from pipeline.losses.registry import loss_names, losses_help
 
 
 @click.command("finetune")
 @click.option("--model", default=None, help="Registered model name (see list-models).  [default: vse_inf]")
-@click.option("--loss", type=click.Choice(LOSSES), default=None,
-              help="triplet: online hardest negatives only; offtri: + the two offline negatives; "
-                   "offquin: + the two offline pairs; aoq: offquin with adaptive weights.  [default: aoq]")
+@click.option("--loss", type=click.Choice(loss_names()), default=None,
+              help=f"{losses_help()}.  [default: aoq]")
 @click.option("--candidates", "candidates_dir", type=click.Path(), default=None,
               help="Candidate folder (i2t_<name>.npy, t2i_<name>.npy) of the training split.")
 @click.option("--init", default=None,
@@ -88,34 +87,3 @@ def finetune(model, loss, candidates_dir, init, data_dir, out_dir, epochs, batch
                        progress=not quiet, kill_after_steps=crash_after_steps)
     click.echo(f"best dev rsum {result['best_dev_rsum']:.2f} at epoch {result['best_epoch']}; "
                f"checkpoint {result['checkpoint']}")
-
-
-@click.command("report")
-@click.option("--metrics-dir", type=click.Path(), default="artifacts/metrics", show_default=True,
-              help="Folder of evaluate's <run>.json / <run>_groups.json files.")
-@click.option("--run", "runs", multiple=True, metavar="MODEL-LOSS",
-              help="A fine-tuned run to include (repeatable).  [default: the params' finetune.runs]")
-@click.option("--base", default="base_test", show_default=True,
-              help="Metrics file stem of the base model ('' for none).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="artifacts/report",
-              show_default=True, help="Writes report.md and recall.png here.")
-@click.option("--pretrained", multiple=True, metavar="MODEL",
-              help="A model pretrained by the pretrain stage: its pretrain-MODEL row "
-                   "(repeatable).  [default: the params' pretrain.models]")
-@click.option("--params", "params_file", type=click.Path(), default=None,
-              help="Take the runs from this params.yaml's finetune.runs (grouped by model).")
-def report(metrics_dir, runs, base, pretrained, out_dir, params_file):
-    """Markdown table and recall plot of the base model and every fine-tuned run."""
-    from stages import report as stage
-
-    if not runs and params_file:
-        from stages.check_params import finetune_runs
-
-        runs = [r["name"] for r in finetune_runs(load_section(params_file, "finetune"), params_file)]
-    if not runs:
-        raise InputError(params_file, "no runs: give --run MODEL-LOSS or finetune.runs in --params")
-    if not pretrained:
-        pretrained = load_section(params_file, "pretrain", optional=True).get("models") or []
-    res = stage.run(metrics_dir=metrics_dir, runs=list(runs), out_dir=out_dir, base=base or None,
-                    pretrained=list(pretrained))
-    click.echo(res["markdown"], nl=False)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
+from pipeline.data import CAPS_PER_IMAGE
 from pipeline.errors import InputError
-from pipeline.mining.candidates import CAPTIONS_PER_IMAGE, import_candidates as _import_candidates
+from pipeline.mining.candidates import import_candidates as _import_candidates
 
 
 def _name_from_files(i2t_file: Path, t2i_file: Path) -> str:
@@ -57,8 +58,8 @@ def train_image_count(data_dir: Path) -> int:
         if h5file is not None:
             h5file.close()
     caps = next((p for p in (data_dir / "train_caps.txt", data_dir / "train_precaps.txt") if p.is_file()), None)
-    if caps is not None and n_rows % CAPTIONS_PER_IMAGE == 0 and _count_lines(caps) == n_rows:
-        return n_rows // CAPTIONS_PER_IMAGE
+    if caps is not None and n_rows % CAPS_PER_IMAGE == 0 and _count_lines(caps) == n_rows:
+        return n_rows // CAPS_PER_IMAGE
     return n_rows
 
 

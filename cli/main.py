@@ -29,9 +29,10 @@ def _register():
     from cli.candidates_report import candidates_report
     from cli.check_params import check_params
     from cli.evaluate_sims import evaluate_sims
-    from cli.finetune_command import finetune, report
+    from cli.finetune_command import finetune
     from cli.import_candidates import import_candidates
     from cli.mining_commands import embed, mine_candidates
+    from cli.report_command import report
     from cli.stage_commands import evaluate, list_models, metrics_table, prepare_data, train
     from cli.validate_data import validate_data
 

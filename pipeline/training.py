@@ -37,7 +37,7 @@ from pipeline.checkpoint import load_state_dict, save_checkpoint
 from pipeline.data.datasets import PairDataset, collate_pairs
 from pipeline.device import resolve_device
 from pipeline.embeddings import encode_split
-from pipeline.errors import InputError
+from pipeline.errors import InputError, refuse_unknown
 from pipeline.evaluation.protocols import evaluate_embeddings
 from pipeline.io import atomic_dir, require_free_space, write_json, write_text
 from pipeline.processes import die_with_parent
@@ -74,9 +74,7 @@ class TrainSettings:
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "train settings") -> "TrainSettings":
         known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise InputError(source, f"unknown training option(s) {unknown} (known: {sorted(known)})")
+        refuse_unknown(values, known, source, "training option(s)")
         out = {}
         for k, v in values.items():
             typ = type(getattr(cls(), k))

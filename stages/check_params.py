@@ -24,8 +24,7 @@ NAME = re.compile(r"[a-z0-9_]+")
 # a path a stage depends on (and is handed on its command line): no shell syntax, spaces
 # or quotes, and no leading '-' (it would read as an option)
 PATH = re.compile(r"[A-Za-z0-9_./][A-Za-z0-9_./-]*")
-GROUPS = {"online": "runs without candidates (loss triplet)",
-          "offline": "runs with offline hard negatives (loss offtri, offquin or aoq)"}
+GROUPS = {"online": "runs without candidates", "offline": "runs with offline hard negatives"}
 RUN_KEYS = {"online": {"model", "loss", "init"},
             "offline": {"model", "loss", "init", "candidates"}}
 # the finetune keys dvc.yaml tracks for a run (DVC refuses a run whose tracked key is
@@ -78,12 +77,14 @@ def finetune_runs(finetune: dict, source) -> list[dict]:
     `finetune.runs` maps `online` and `offline` to {<model>-<loss>: {model, loss, init
     [, candidates]}}; DVC fine-tunes and evaluates each (stages finetune_<group>@<name>,
     evaluate_<group>@<name>), and a run's stage depends on its `init` and `candidates`."""
-    from pipeline.losses.aoq import LOSSES
+    from pipeline.losses.registry import get_loss, loss_names
 
+    groups = {g: f"{GROUPS[g]} (loss {', '.join(loss_names(offline=g == 'offline'))})"
+              for g in GROUPS}
     runs = finetune.get("runs")
     if not isinstance(runs, dict) or set(runs) != set(GROUPS):
         raise InputError(source, "finetune.runs: expected the two mappings 'online' ("
-                                 f"{GROUPS['online']}) and 'offline' ({GROUPS['offline']}), "
+                                 f"{groups['online']}) and 'offline' ({groups['offline']}), "
                                  "each {<model>-<loss>: {model, loss, init, ...}}")
     found: dict[str, dict] = {}
     for group in GROUPS:
@@ -102,12 +103,12 @@ def finetune_runs(finetune: dict, source) -> list[dict]:
                                          f"{sorted(RUN_KEYS[group])}, got {got}")
             model = _name(run["model"], f"{where}.model", source, registered=True)
             loss = run["loss"]
-            if loss not in LOSSES:
-                raise InputError(source, f"{where}.loss {loss!r}: not one of {', '.join(LOSSES)}")
-            if (loss == "triplet") != (group == "online"):
-                other = "online" if loss == "triplet" else "offline"
+            if not isinstance(loss, str) or loss not in loss_names():
+                raise InputError(source, f"{where}.loss {loss!r}: not one of {', '.join(loss_names())}")
+            other = "offline" if get_loss(loss).offline else "online"
+            if other != group:
                 raise InputError(source, f"{where}.loss {loss!r} belongs in finetune.runs.{other} "
-                                         f"({GROUPS[other]})")
+                                         f"({groups[other]})")
             if name != f"{model}-{loss}":
                 raise InputError(source, f"{where}: a run of model {model!r} with loss "
                                          f"{loss!r} is named {model}-{loss}")

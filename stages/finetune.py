@@ -15,10 +15,11 @@ from pipeline.data.datasets import PairDataset, collate_pairs
 from pipeline.data.offline import (OfflineNegativeDataset, collate_offline, default_offcandisize)
 from pipeline.data.precomp import find_vocab, open_split
 from pipeline.data.vocab import Vocab
-from pipeline.errors import InputError
+from pipeline.errors import InputError, refuse_unknown
 from pipeline.io import claim_dir
 from pipeline.finetuning import CandidateRefresh, make_objective
-from pipeline.losses.aoq import AOQSettings
+from pipeline.losses.aoq import AOQ_OPTIONS, AOQSettings
+from pipeline.losses.registry import get_loss
 from pipeline.models import create_model
 from pipeline.training import Trainer, triplet_objective
 from stages.train_base import settings_for
@@ -64,7 +65,9 @@ def run(*, model: str, data_dir, out_dir, loss: str = "aoq", candidates_dir=None
         device: str = "cpu", resume: bool = False, progress: bool = True,
         stop_after_steps: int | None = None, kill_after_steps: int | None = None) -> dict:
     refresh_flag = _refresh_flag(refresh_every, refresh_every_steps)
+    offline = get_loss(loss, "--loss").offline
     settings = settings_for(model, {**FINETUNE_DEFAULTS, **(train_options or {})})
+    refuse_unknown(aoq_options or {}, AOQ_OPTIONS, "finetune.aoq", "AOQ setting(s)")
     aoq = AOQSettings(loss=loss, margin=settings.margin, max_violation=settings.max_violation,
                       mask_same_image=settings.mask_same_image, **(aoq_options or {})).check("--loss")
     if loss == "aoq" and settings.warmup_epochs > 0:
@@ -82,9 +85,9 @@ def run(*, model: str, data_dir, out_dir, loss: str = "aoq", candidates_dir=None
     meta = {"data_dir": str(data_dir), "init": str(init), "loss": loss,
             # a triplet run reads none: its checkpoint must not name a folder it never
             # depended on (params.yaml's default candidates)
-            "candidates": str(candidates_dir) if candidates_dir and loss != "triplet" else None}
+            "candidates": str(candidates_dir) if candidates_dir and offline else None}
     kwargs: dict = {"dataset": pairs, "collate_fn": collate_pairs, "objective": triplet_objective}
-    if loss != "triplet":
+    if offline:
         if candidates_dir is None:
             raise InputError(None, f"--loss {loss} samples offline negatives: give --candidates DIR")
         from pipeline.mining.candidates import load_candidates

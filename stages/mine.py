@@ -26,6 +26,7 @@ from pipeline.errors import InputError
 from pipeline.io import atomic_dir, jsonable
 from pipeline.mining.embed import CAP_FILE, IMG_FILE, META_FILE
 from pipeline.mining.mine import MineConfig, mine_embeddings, open_embedding_pair
+from pipeline.mining.reference import capped_k
 
 SECTION = "mine"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -175,17 +176,16 @@ def run(*, out_dir, cfg: MineConfig | None = None, name: str | None = None, img_
             name = resolve_name(None, None, emb_meta)
         img, cap = open_embedding_pair(img_path, cap_path)
         n_img, dim = (int(s) for s in img.shape)
-        n_cap = int(cap.shape[0])
         if emb_meta is not None and (emb_meta.get("n_img"), emb_meta.get("dim")) not in ((n_img, dim), (None, None)):
             raise InputError(shown(img_path.parent / META_FILE),
                              f"describes {emb_meta.get('n_img')} x {emb_meta.get('dim')} embeddings, "
                              f"but {img_path.name} is {n_img} x {dim}")
 
         t0 = time.perf_counter()
-        k_i2t, k_t2i = min(int(cfg.k_i2t), n_cap - 5), min(int(cfg.k_t2i), n_img - 1)
+        k_i2t, k_t2i = capped_k(cfg.k_i2t, cfg.k_t2i, n_img)
         # with filters on, mine with headroom so every row still holds K afterwards
-        mine_cfg = dataclasses.replace(cfg, k_i2t=min(k_i2t + fcfg.headroom(k_i2t), n_cap - 5),
-                                       k_t2i=min(k_t2i + fcfg.headroom(k_t2i), n_img - 1))
+        head_i2t, head_t2i = capped_k(k_i2t + fcfg.headroom(k_i2t), k_t2i + fcfg.headroom(k_t2i), n_img)
+        mine_cfg = dataclasses.replace(cfg, k_i2t=head_i2t, k_t2i=head_t2i)
         # the pass works in memory-mapped files in the build folder (removed before it is
         # renamed), so a big training set does not need its candidates in private memory
         with tempfile.TemporaryDirectory(prefix=".mine-scratch-", dir=tmp) as scratch:

@@ -11,7 +11,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, refuse_unknown
 from pipeline.io import atomic_dir
 
 SECTION = "prepare"
@@ -34,9 +34,7 @@ def prepare_synthetic(params: dict, out_dir, progress: bool = True) -> dict:
 
     fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
     knobs = {k: v for k, v in params.items() if k not in ("dataset", "source")}
-    unknown = sorted(set(knobs) - fields)
-    if unknown:
-        raise InputError("params", f"unknown synthetic dataset option(s) {unknown} (known: {sorted(fields)})")
+    refuse_unknown(knobs, fields, "params", "synthetic dataset option(s)")
     return generate(out_dir, SyntheticConfig(**knobs), progress=progress)
 
 

@@ -8,7 +8,8 @@ import pytest
 from pipeline.data.scene_graphs import caption_describes_image, family_ids, load_graphs
 from pipeline.errors import InputError
 import pipeline.mining.filters as F
-from pipeline.mining.filters import (FactIndex, FilterConfig, apply_filters, count_false_negatives,
+from pipeline.data.scene_graphs import FactIndex
+from pipeline.mining.filters import (FilterConfig, apply_filters, count_false_negatives,
                                      normalize_caption, positive_scores)
 from pipeline.mining.reference import KnnResult, mine_reference
 

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit
+from pipeline.data import CAPS_PER_IMAGE
+from pipeline.data.precomp import PrecompSplit
 from pipeline.data.vocab import END, PAD, START, UNK
 from pipeline.errors import InputError
 
@@ -87,7 +88,7 @@ class PairDataset(Dataset):
         if not 0 <= j < len(self):
             raise IndexError(f"caption index {j} out of range [0, {len(self)})")
         rng = self.rng(j) if self.augments else None
-        img_index = j // CAPTIONS_PER_IMAGE
+        img_index = j // CAPS_PER_IMAGE
         return {
             "image": self.image(img_index, rng),
             "tokens": self.caption(j, rng),

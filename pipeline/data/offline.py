@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from pipeline.data import CAPS_PER_IMAGE
 from pipeline.data.datasets import PairDataset, _pad_images, _pad_tokens
-from pipeline.data.precomp import CAPTIONS_PER_IMAGE
 from pipeline.errors import InputError
 
 _OFFLINE_STREAM = 0x0FF  # separates the offline draws from the anchor's augmentation draws
@@ -38,7 +38,7 @@ def check_offcandisize(offcandisize: int, k_i2t: int, k_t2i: int, source) -> Non
     if offcandisize > k_i2t:
         raise InputError(source, f"offcandisize {offcandisize} exceeds the i2t candidates per "
                                  f"image ({k_i2t})")
-    need = (offcandisize - 1) // CAPTIONS_PER_IMAGE + 1
+    need = (offcandisize - 1) // CAPS_PER_IMAGE + 1
     if need > k_t2i:
         raise InputError(source, f"offcandisize {offcandisize} needs {need} t2i candidates per "
                                  f"caption, the file has {k_t2i}")
@@ -73,10 +73,10 @@ class OfflineNegativeDataset(Dataset):
         p = self.pairs
         rng = np.random.default_rng([p.seed, p.epoch, int(j), _OFFLINE_STREAM])
         n = int(rng.integers(self.offcandisize))
-        t_neg = int(self.i2t[j // CAPTIONS_PER_IMAGE, n])
-        i_neg = int(self.t2i[j, n // CAPTIONS_PER_IMAGE])
-        t_prime = i_neg * CAPTIONS_PER_IMAGE + int(rng.integers(CAPTIONS_PER_IMAGE))
-        return n, t_neg, i_neg, t_neg // CAPTIONS_PER_IMAGE, t_prime
+        t_neg = int(self.i2t[j // CAPS_PER_IMAGE, n])
+        i_neg = int(self.t2i[j, n // CAPS_PER_IMAGE])
+        t_prime = i_neg * CAPS_PER_IMAGE + int(rng.integers(CAPS_PER_IMAGE))
+        return n, t_neg, i_neg, t_neg // CAPS_PER_IMAGE, t_prime
 
     def __getitem__(self, j: int) -> dict:
         j = int(j)
@@ -120,7 +120,7 @@ def collate_offline(items: list[dict]) -> dict:
         "img_index": torch.tensor(img_index, dtype=torch.long),
         "n_anchor": len(items),
         "rank": torch.tensor([o["rank"] for o in off], dtype=torch.long),
-        "accidental": torch.tensor([o["i_neg"] == o["t_neg"] // CAPTIONS_PER_IMAGE for o in off]),
+        "accidental": torch.tensor([o["i_neg"] == o["t_neg"] // CAPS_PER_IMAGE for o in off]),
     }
 
 

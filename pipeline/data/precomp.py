@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data import CAPS_PER_IMAGE
 from pipeline.errors import InputError
 from pipeline.io import open_npy, short_error
 
-CAPTIONS_PER_IMAGE = 5
 SPLITS = ("train", "dev", "test", "testall")
 CHECK_FINITE_MODES = ("auto", "full", "sample", "none")
 FULL_CHECK_LIMIT_BYTES = 2 * 1024**3     # "auto": full scan below this file size
@@ -283,16 +283,16 @@ def open_split(data_dir: str | Path, split: str, *, expected_dim: int | None = N
             raise InputError(captions_path, "no captions")
 
         # image/caption ratio (SCAN's im_div): one feature row per caption means 5 rows per image
-        if n_rows == n_caps and n_rows % CAPTIONS_PER_IMAGE == 0 and n_rows != 0:
-            rows_per_image = CAPTIONS_PER_IMAGE
-            n_images = n_rows // CAPTIONS_PER_IMAGE
+        if n_rows == n_caps and n_rows % CAPS_PER_IMAGE == 0 and n_rows != 0:
+            rows_per_image = CAPS_PER_IMAGE
+            n_images = n_rows // CAPS_PER_IMAGE
         else:
             rows_per_image = 1
             n_images = n_rows
-        if n_caps != CAPTIONS_PER_IMAGE * n_images:
+        if n_caps != CAPS_PER_IMAGE * n_images:
             raise InputError(captions_path,
                              f"{n_caps} captions for {n_images} images ({features_path.name}): "
-                             f"expected {CAPTIONS_PER_IMAGE} per image ({CAPTIONS_PER_IMAGE * n_images})")
+                             f"expected {CAPS_PER_IMAGE} per image ({CAPS_PER_IMAGE * n_images})")
 
         # ids (optional): one per unique image, or one per feature row when rows repeat
         ids = None

@@ -13,9 +13,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from pipeline.data import CAPS_PER_IMAGE
 from pipeline.errors import InputError
 
-CAPS_PER_IMAGE = 5
 REQUIRED_KEYS = ("image", "family", "edit", "facts", "caption_facts")
 
 
@@ -111,3 +111,57 @@ def false_negative_mask(graphs: Sequence[dict], image_idx: int, caption_idx: Seq
 
 def _caption_holds(graphs: Sequence[dict], caption_idx: int, facts: set) -> bool:
     return describes(graphs[caption_idx // CAPS_PER_IMAGE]["caption_facts"][caption_idx % CAPS_PER_IMAGE], facts)
+
+
+class FactIndex:
+    """Scene-graph facts, indexed for vectorised "caption c truly describes image i" checks.
+
+    Images hold their facts as bitsets; captions as fact-id lists sorted rarest first, so a
+    check of a random pair usually fails on the first fact and is dropped from the work.
+    """
+
+    def __init__(self, graphs: Sequence[dict]):
+        vocab: dict[str, int] = {}
+        img_sets = [[vocab.setdefault(f, len(vocab)) for f in g["facts"]] for g in graphs]
+        cap_sets = [[vocab.setdefault(f, len(vocab)) for f in cf]
+                    for g in graphs for cf in g["caption_facts"]]
+        words = max(1, (len(vocab) + 63) // 64)
+        self.n_images = len(graphs)
+        self.n_captions = len(cap_sets)
+        self.img_bits = np.zeros((len(img_sets), words), dtype=np.uint64)
+        for r, s in enumerate(img_sets):
+            for f in s:
+                self.img_bits[r, f >> 6] |= np.uint64(1) << np.uint64(f & 63)
+        freq = np.zeros(max(1, len(vocab)), dtype=np.int64)
+        for s in img_sets:
+            freq[s] += 1
+        width = max((len(s) for s in cap_sets), default=0)
+        self.cap_facts = np.full((len(cap_sets), max(1, width)), -1, dtype=np.int64)  # -1: padding
+        for r, s in enumerate(cap_sets):
+            s = sorted(set(s), key=lambda f: (freq[f], f))
+            self.cap_facts[r, :len(s)] = s
+        self.family = np.array([g["family"] for g in graphs], dtype=np.int64)
+
+    def describes(self, caption_ids, image_ids, chunk: int = 1 << 20) -> np.ndarray:
+        """Bool array: caption ``caption_ids[n]`` truly describes image ``image_ids[n]``
+        (its facts are a subset of the image's). Broadcasts the two id arrays."""
+        c, i = np.broadcast_arrays(np.asarray(caption_ids, dtype=np.int64),
+                                   np.asarray(image_ids, dtype=np.int64))
+        shape = c.shape
+        c, i = c.reshape(-1), i.reshape(-1)
+        if c.size and (c.min() < 0 or c.max() >= self.n_captions
+                       or i.min() < 0 or i.max() >= self.n_images):
+            raise InputError(None, f"candidate ids out of range for the scene graphs "
+                                   f"({self.n_images} images, {self.n_captions} captions)")
+        out = np.zeros(c.shape, dtype=bool)
+        for s in range(0, c.size, chunk):
+            alive = np.arange(s, min(c.size, s + chunk))
+            for slot in range(self.cap_facts.shape[1]):
+                if alive.size == 0:
+                    break
+                f = self.cap_facts[c[alive], slot]
+                fz = np.maximum(f, 0)
+                bit = (self.img_bits[i[alive], fz >> 6] >> (fz & 63).astype(np.uint64)) & np.uint64(1)
+                alive = alive[(f < 0) | (bit != 0)]
+            out[alive] = True
+        return out.reshape(shape)

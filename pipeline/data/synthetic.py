@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data import CAPS_PER_IMAGE
 from pipeline.errors import InputError
 from pipeline.io import atomic_dir, open_memmap_out
 
 SPLITS = ("train", "dev", "test")
 EDIT_TYPES = ("attribute", "object", "binding", "relation", "scene")
-CAPS_PER_IMAGE = 5
 MAX_OBJECTS = 4          # objects per image are 2..4 at most (pairs (0,1), (2,3) are related)
 GRID = 3                 # objects sit on a 3x3 grid, one per cell
 

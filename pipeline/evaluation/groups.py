@@ -14,7 +14,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from pipeline.evaluation.ranks import CAPS_PER_IMAGE, metrics_from_ranks, ranks_from_matrix
+from pipeline.data import CAPS_PER_IMAGE
+from pipeline.evaluation.ranks import metrics_from_ranks, ranks_from_matrix
 
 
 def _n_img(sims) -> int:

@@ -42,8 +42,8 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+from pipeline.data import CAPS_PER_IMAGE
 
-CAPS_PER_IMAGE = 5
 
 METRIC_KEYS = (
     "i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr",

@@ -25,8 +25,12 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import InputError
+from pipeline.losses.registry import get_loss, register_loss
+from pipeline.losses.triplet import hinge_costs
 
-LOSSES = ("triplet", "offtri", "offquin", "aoq")
+register_loss("offtri", offline=True, help="+ the two offline negatives")
+register_loss("offquin", offline=True, help="+ the two offline pairs")
+register_loss("aoq", offline=True, help="offquin with adaptive weights")
 
 
 @dataclass(frozen=True)
@@ -42,14 +46,17 @@ class AOQSettings:
     detach_weights: bool = False   # ours: stop the weights' gradient (the reference keeps it)
 
     def check(self, source="loss") -> "AOQSettings":
-        if self.loss not in LOSSES:
-            raise InputError(source, f"unknown loss {self.loss!r} (known: {', '.join(LOSSES)})")
+        get_loss(self.loss, source)
         if self.loss == "aoq" and not self.max_violation:
             raise InputError(source, "the aoq loss needs max-violation (its adaptive weights are "
                                      "defined per hardest negative); drop --no-max-violation")
         if self.alpha <= 0:
             raise InputError(source, f"alpha must be > 0, got {self.alpha}")
         return self
+
+
+# the settings a params file or the CLI may give (the rest come from the loss and training)
+AOQ_OPTIONS = ("offline_margin", "alpha", "beta", "mask_accidental_positives", "detach_weights")
 
 
 def online_hardest(scores: torch.Tensor, negative_mask: torch.Tensor
@@ -72,14 +79,9 @@ def aoq_loss(scores: torch.Tensor, s_it: torch.Tensor, s_ti: torch.Tensor, s_nn:
     positive_mask (B, B) marks extra non-negatives of the online terms (the diagonal always
     is); accidental (B,) marks slots whose two quintuplet pairs are true pairs."""
     s = settings
-    b = scores.size(0)
     pos = scores.diagonal()
-    not_neg = torch.eye(b, dtype=torch.bool, device=scores.device)
-    if positive_mask is not None:
-        not_neg = not_neg | positive_mask
+    cost_cap, cost_img, not_neg = hinge_costs(scores, s.margin, positive_mask)
     neg = ~not_neg
-    cost_cap = (s.margin + scores - pos.view(b, 1)).clamp(min=0).masked_fill(not_neg, 0)
-    cost_img = (s.margin + scores - pos.view(1, b)).clamp(min=0).masked_fill(not_neg, 0)
     if s.max_violation:
         on_i2t, on_t2i = cost_cap.max(dim=1).values, cost_img.max(dim=0).values
     else:

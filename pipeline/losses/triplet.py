@@ -3,6 +3,27 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.losses.registry import register_loss
+
+register_loss("triplet", offline=False, help="online hardest negatives only")
+
+
+def hinge_costs(scores: torch.Tensor, margin: float, positive_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The online hinge of every (anchor, negative) pair, shared by the triplet loss and the
+    AOQ family: (cost_cap, cost_img, not_negative), (B, B) each. cost_cap[i, j] =
+    [margin + S[i, j] - S[i, i]]+ (image anchor i, caption j), cost_img[i, j] =
+    [margin + S[i, j] - S[j, j]]+ (caption anchor j, image i); both are 0 where
+    not_negative (the diagonal, and positive_mask)."""
+    b = scores.size(0)
+    diag = scores.diagonal().view(b, 1)
+    not_neg = torch.eye(b, dtype=torch.bool, device=scores.device)
+    if positive_mask is not None:
+        not_neg = not_neg | positive_mask
+    cost_cap = (margin + scores - diag).clamp(min=0).masked_fill(not_neg, 0)
+    cost_img = (margin + scores - diag.t()).clamp(min=0).masked_fill(not_neg, 0)
+    return cost_cap, cost_img, not_neg
+
 
 def hinge_triplet_loss(
     scores: torch.Tensor,
@@ -18,15 +39,7 @@ def hinge_triplet_loss(
     pairs that are not negatives (e.g. another caption of the same image); the diagonal
     is always masked.
     """
-    b = scores.size(0)
-    diag = scores.diagonal().view(b, 1)
-    cost_cap = (margin + scores - diag).clamp(min=0)        # image anchor i vs caption j
-    cost_img = (margin + scores - diag.t()).clamp(min=0)    # caption anchor j vs image i
-    mask = torch.eye(b, dtype=torch.bool, device=scores.device)
-    if positive_mask is not None:
-        mask = mask | positive_mask
-    cost_cap = cost_cap.masked_fill(mask, 0)
-    cost_img = cost_img.masked_fill(mask, 0)
+    cost_cap, cost_img, _ = hinge_costs(scores, margin, positive_mask)
     if max_violation:
         return cost_cap.max(dim=1).values.sum() + cost_img.max(dim=0).values.sum()
     return cost_cap.sum() + cost_img.sum()

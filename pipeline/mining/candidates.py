@@ -30,10 +30,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.data import CAPS_PER_IMAGE
 from pipeline.errors import InputError
 from pipeline.io import disk_full, open_npy, short_error, temp_beside
 
-CAPTIONS_PER_IMAGE = 5
 FORMAT_VERSION = 1
 METADATA_KEY = b"itm_pipeline"
 ROW_GROUP_ROWS = 1 << 20            # Parquet rows per row group (whole queries; >= one query)
@@ -158,7 +158,7 @@ def _check_ids_block(block: np.ndarray, rows: np.ndarray, direction: str, n_imag
     if block.shape[1] == 0:
         return
     if direction == "i2t":
-        hi, what = CAPTIONS_PER_IMAGE * n_images, "caption"
+        hi, what = CAPS_PER_IMAGE * n_images, "caption"
     else:
         hi, what = n_images, "image"
     bad = (block < 0) | (block >= hi)
@@ -168,9 +168,9 @@ def _check_ids_block(block: np.ndarray, rows: np.ndarray, direction: str, n_imag
         raise InputError(source, f"row {rows[r]} has {what} id {block[r, c]} (rank {c}) out of range "
                                  f"[0, {hi}): the ids must index the {hi} {what}s of the training split")
     if direction == "i2t":
-        pos = (block // CAPTIONS_PER_IMAGE) == rows[:, None]
+        pos = (block // CAPS_PER_IMAGE) == rows[:, None]
     else:
-        pos = block == (rows // CAPTIONS_PER_IMAGE)[:, None]
+        pos = block == (rows // CAPS_PER_IMAGE)[:, None]
     r = _first(pos.any(axis=1))
     if r is not None:
         c = _first(pos[r])
@@ -243,15 +243,15 @@ def _validate(c: Candidates, n_images, source_i2t, source_t2i, source_i2t_scores
     n_img, n_cap = c.i2t.shape[0], c.t2i.shape[0]
     if n_img == 0:
         raise InputError(source_i2t, "has no rows (no images)")
-    if n_cap != CAPTIONS_PER_IMAGE * n_img:
+    if n_cap != CAPS_PER_IMAGE * n_img:
         raise InputError(source_t2i, f"has {n_cap} rows but the i2t file has {n_img} rows: expected "
-                                     f"{CAPTIONS_PER_IMAGE} x {n_img} = {CAPTIONS_PER_IMAGE * n_img} "
+                                     f"{CAPS_PER_IMAGE} x {n_img} = {CAPS_PER_IMAGE * n_img} "
                                      f"(one row per caption)")
     if n_images is not None:
         n_images = int(n_images)
         if n_img != n_images:
             raise InputError(source_i2t, f"has {n_img} rows but the training split has {n_images} images")
-    limits = {"i2t": (CAPTIONS_PER_IMAGE * n_img - CAPTIONS_PER_IMAGE, "captions", "its own 5"),
+    limits = {"i2t": (CAPS_PER_IMAGE * n_img - CAPS_PER_IMAGE, "captions", "its own 5"),
               "t2i": (n_img - 1, "images", "its own image")}
     for d in ("i2t", "t2i"):
         k = ids[d].shape[1]
@@ -519,7 +519,7 @@ def load_candidates(path, name: str | None = None, *, n_images: int | None = Non
 def _to_int32_ids(x: np.ndarray, path: Path, direction: str, n_images: int) -> np.ndarray:
     """Published ids (any integer dtype, or floats holding integers) -> int32, range-checked first."""
     _check_matrix(x, path, f"{direction} candidate ids")
-    hi = CAPTIONS_PER_IMAGE * n_images if direction == "i2t" else n_images
+    hi = CAPS_PER_IMAGE * n_images if direction == "i2t" else n_images
     what = "caption" if direction == "i2t" else "image"
     if x.dtype == np.int32:
         return x
@@ -563,9 +563,9 @@ def import_candidates(i2t_file, t2i_file, out_dir, name: str, *, n_images: int |
     n_img, n_cap = int(i2t_raw.shape[0]), int(t2i_raw.shape[0])
     if n_img == 0:
         raise InputError(i2t_file, "has no rows (no images)")
-    if n_cap != CAPTIONS_PER_IMAGE * n_img:
+    if n_cap != CAPS_PER_IMAGE * n_img:
         raise InputError(t2i_file, f"has {n_cap} rows but the i2t file has {n_img} rows: expected "
-                                   f"{CAPTIONS_PER_IMAGE} x {n_img} = {CAPTIONS_PER_IMAGE * n_img} "
+                                   f"{CAPS_PER_IMAGE} x {n_img} = {CAPS_PER_IMAGE * n_img} "
                                    f"(one row per caption)")
     if n_images is not None and n_img != int(n_images):
         raise InputError(i2t_file, f"has {n_img} rows but the training split has {int(n_images)} images")

@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.device import resolve_device
-from pipeline.errors import InputError
+from pipeline.errors import InputError, refuse_unknown
 from pipeline.io import open_memmap_out
 from pipeline.mining.reference import KnnResult, canonical_dot, validate_inputs
 
@@ -250,10 +250,7 @@ def mine_distributed(img, cap, k_i2t: int, k_t2i: int, client, *,
     from distributed import as_completed
 
     t0 = time.perf_counter()
-    unknown = sorted(set(mine_kwargs) - set(_MINE_OPTIONS))
-    if unknown:
-        raise InputError(None, f"unknown mining option(s) for the distributed run: "
-                               f"{', '.join(unknown)} (allowed: {', '.join(_MINE_OPTIONS)})")
+    refuse_unknown(mine_kwargs, _MINE_OPTIONS, None, "mining option(s) for the distributed run:")
     from pipeline.mining.knn_torch import _check_options
     _check_options(mine_kwargs.get("precision", "bf16"), mine_kwargs.get("row_block", 4096),
                    mine_kwargs.get("col_block", 8192))

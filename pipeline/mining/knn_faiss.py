@@ -28,7 +28,8 @@ import time
 import numpy as np
 import torch
 
-from pipeline.errors import InputError
+from pipeline.data import CAPS_PER_IMAGE
+from pipeline.errors import InputError, refuse_unknown
 from pipeline.mining.reference import (U64, KnnResult, gamma, max_row_norm, rescore_delta,
                                        rescore_topk, shared_tensor, validate_inputs)
 
@@ -162,11 +163,7 @@ def mine_faiss(img, cap, k_i2t: int, k_t2i: int, *, index: str = "flat",
     faiss = _faiss()
     if index not in _OPTS:
         raise InputError(None, f"faiss index must be flat, ivf or hnsw; got {index!r}")
-    unknown = set(index_opts) - _OPTS[index]
-    if unknown:
-        raise InputError(None, f"unknown option(s) for faiss index {index!r}: "
-                               f"{', '.join(sorted(unknown))} (known: "
-                               f"{', '.join(sorted(_OPTS[index])) or 'none'})")
+    refuse_unknown(index_opts, _OPTS[index], None, f"option(s) for faiss index {index!r}:")
     img32, cap32, k1, k2 = validate_inputs(img, cap, k_i2t, k_t2i)
     n_i, d = img32.shape
     n_gpus = _num_gpus(faiss)
@@ -197,7 +194,7 @@ def mine_faiss(img, cap, k_i2t: int, k_t2i: int, *, index: str = "flat",
     delta = rescore_delta(d, na, nb)
     t_rescore = 0.0
     if k1:
-        cand = _direction(faiss, index, img32, cap32, k1, lambda r, i: (i // 5) == r,
+        cand = _direction(faiss, index, img32, cap32, k1, lambda r, i: (i // CAPS_PER_IMAGE) == r,
                           index_opts, gpu, eps0, stats, "i2t")
         t = time.perf_counter()
         i2t, i2t_s = rescore_topk(a, b, img32, cap32, torch.from_numpy(cand), k1,
@@ -206,13 +203,13 @@ def mine_faiss(img, cap, k_i2t: int, k_t2i: int, *, index: str = "flat",
     else:
         i2t, i2t_s = np.empty((n_i, 0), np.int32), np.empty((n_i, 0), np.float32)
     if k2:
-        cand = _direction(faiss, index, cap32, img32, k2, lambda r, i: i == (r // 5),
+        cand = _direction(faiss, index, cap32, img32, k2, lambda r, i: i == (r // CAPS_PER_IMAGE),
                           index_opts, gpu, eps0, stats, "t2i")
         t = time.perf_counter()
         t2i, t2i_s = rescore_topk(b, a, cap32, img32, torch.from_numpy(cand), k2,
                                   delta=delta, stats=stats)
         t_rescore += time.perf_counter() - t
     else:
-        t2i, t2i_s = np.empty((5 * n_i, 0), np.int32), np.empty((5 * n_i, 0), np.float32)
+        t2i, t2i_s = np.empty((CAPS_PER_IMAGE * n_i, 0), np.int32), np.empty((CAPS_PER_IMAGE * n_i, 0), np.float32)
     stats.update(seconds_rescore=t_rescore, seconds=time.perf_counter() - t_start)
     return KnnResult(i2t, i2t_s, t2i, t2i_s, stats)

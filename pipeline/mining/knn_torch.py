@@ -133,11 +133,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.data import CAPS_PER_IMAGE
 from pipeline.device import resolve_device
 from pipeline.errors import InputError
 from pipeline.io import open_memmap_out
-from pipeline.mining.reference import (FLOAT32_LOWEST, U64, KnnResult, canonical_dot, gamma,
-                                       rescore_delta, shared_tensor, validate_inputs)
+from pipeline.mining.reference import (FLOAT32_LOWEST, U64, KnnResult, canonical_dot, capped_k,
+                                       gamma, rescore_delta, shared_tensor, validate_inputs)
 
 U32 = 2.0 ** -24
 _FORMATS = {
@@ -742,13 +743,13 @@ class _Pass:
         n_i = self.img_np.shape[0]
         n_r, n_c = rows.size, cols.size
         R, C = self.row_block, self.col_block
-        own_caps = np.bincount(cols // 5, minlength=n_i)          # own captions among cols
+        own_caps = np.bincount(cols // CAPS_PER_IMAGE, minlength=n_i)          # own captions among cols
         cols_sel = None
         if k2:
             in_rows = np.zeros(n_i, dtype=bool)
             in_rows[rows] = True
             qcols = np.sort(cols)
-            k_col = np.minimum(k2, n_r - in_rows[qcols // 5])
+            k_col = np.minimum(k2, n_r - in_rows[qcols // CAPS_PER_IMAGE])
             cap2 = _capacity(int(k_col.max()), self.slack)
             cols_sel = _Selection(qcols, k_col, cap2, self.cap_np, self.img_np, st,
                                   (self.scratch.array("t2i_ids", (n_c, cap2), np.int32),
@@ -781,7 +782,7 @@ class _Pass:
                 b_blk, b64 = self._gather(self.b_lp, self.b32, cc, self.cols_buf)
                 s = self.s_buf[:nr * nc].view(nr, nc)
                 _gemm(a_blk, b_blk, s)
-                own = self.img_pos[cc // 5]                      # positives: caption of a row
+                own = self.img_pos[cc // CAPS_PER_IMAGE]                      # positives: caption of a row
                 j = np.flatnonzero(own >= 0)
                 if j.size:
                     s[torch.from_numpy(own[j]).to(dev), torch.from_numpy(j).to(dev)] = -math.inf
@@ -1051,8 +1052,7 @@ def mine_torch_block(img, cap, start: int, stop: int, k_i2t: int, k_t2i: int, *,
     if validate:
         img, cap, k1, k2 = validate_inputs(img, cap, k_i2t, k_t2i)
     else:
-        n_all = img.shape[0]
-        k1, k2 = min(int(k_i2t), cap.shape[0] - 5), min(int(k_t2i), n_all - 1)
+        k1, k2 = capped_k(k_i2t, k_t2i, img.shape[0])
     n_i, d = img.shape
     n_c = cap.shape[0]
     if not (isinstance(start, (int, np.integer)) and isinstance(stop, (int, np.integer))

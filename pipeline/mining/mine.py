@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.data import CAPS_PER_IMAGE
+from pipeline.errors import InputError, refuse_unknown
 from pipeline.mining.reference import KnnResult
 
 BACKENDS = ("torch", "faiss")
 PRECISIONS = ("bf16", "fp16", "fp32", "auto")
 INDEXES = ("flat", "ivf", "hnsw")
-CAPTIONS_PER_IMAGE = 5
 
 
 @dataclass
@@ -38,9 +38,7 @@ class MineConfig:
     @classmethod
     def from_dict(cls, d: dict, source: str = "params") -> "MineConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise InputError(source, f"unknown mining option(s) {unknown} (known: {sorted(names)})")
+        refuse_unknown(d, names, source, "mining option(s)")
         cfg = cls(**{k: v for k, v in d.items() if v is not None})
         cfg.validate(source)
         return cfg
@@ -68,12 +66,6 @@ class MineConfig:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def capped_k(cfg: MineConfig, n_img: int) -> tuple[int, int]:
-    """The K values a gallery of n_img images (5 n_img captions) allows."""
-    return (min(int(cfg.k_i2t), CAPTIONS_PER_IMAGE * n_img - CAPTIONS_PER_IMAGE),
-            min(int(cfg.k_t2i), n_img - 1))
 
 
 def mine_embeddings(img, cap, cfg: MineConfig, progress: bool = True,
@@ -138,8 +130,8 @@ def open_embedding_pair(img_path, cap_path) -> tuple[np.ndarray, np.ndarray]:
     if cap.shape[1] != img.shape[1]:
         raise InputError(cap_path, f"dimension {cap.shape[1]} differs from the image "
                                    f"embeddings' {img.shape[1]} ({Path(img_path).name})")
-    if cap.shape[0] != CAPTIONS_PER_IMAGE * img.shape[0]:
+    if cap.shape[0] != CAPS_PER_IMAGE * img.shape[0]:
         raise InputError(cap_path, f"{cap.shape[0]} caption rows for {img.shape[0]} images "
                                    f"({Path(img_path).name}): expected "
-                                   f"{CAPTIONS_PER_IMAGE * img.shape[0]} (5 per image)")
+                                   f"{CAPS_PER_IMAGE * img.shape[0]} (5 per image)")
     return img, cap

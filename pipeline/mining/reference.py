@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pipeline.data import CAPS_PER_IMAGE
 from pipeline.errors import InputError
 
 U64 = 2.0 ** -53
@@ -93,6 +94,18 @@ def _as_k(k, name: str, limit: int) -> int:
     return min(k, limit)
 
 
+def k_limits(n_img: int) -> tuple[int, int]:
+    """The most candidates a gallery of n_img images allows: every caption but the image's
+    own (i2t), every image but the caption's own (t2i)."""
+    return CAPS_PER_IMAGE * n_img - CAPS_PER_IMAGE, n_img - 1
+
+
+def capped_k(k_i2t, k_t2i, n_img: int) -> tuple[int, int]:
+    """Requested K values capped at the gallery's limits (the one capping rule)."""
+    l1, l2 = k_limits(n_img)
+    return min(int(k_i2t), l1), min(int(k_t2i), l2)
+
+
 def validate_inputs(img, cap, k_i2t, k_t2i):
     """Check shapes and values; return float32 C-contiguous arrays and the capped K values."""
     img = _as_matrix(img, "image")
@@ -103,13 +116,13 @@ def validate_inputs(img, cap, k_i2t, k_t2i):
                                f"image embeddings {d}: they must match")
     if n_i < 2:
         raise InputError(None, f"need at least 2 images to mine negatives, got {n_i}")
-    if cap.shape[0] != 5 * n_i:
-        raise InputError(None, f"expected 5 captions per image: {n_i} images need "
-                               f"{5 * n_i} caption rows, got {cap.shape[0]}")
+    if cap.shape[0] != CAPS_PER_IMAGE * n_i:
+        raise InputError(None, f"expected {CAPS_PER_IMAGE} captions per image: {n_i} images need "
+                               f"{CAPS_PER_IMAGE * n_i} caption rows, got {cap.shape[0]}")
     if d < 1:
         raise InputError(None, "embeddings have dimension 0")
-    k1 = _as_k(k_i2t, "K_i2t", cap.shape[0] - 5)
-    k2 = _as_k(k_t2i, "K_t2i", n_i - 1)
+    l1, l2 = k_limits(n_i)
+    k1, k2 = _as_k(k_i2t, "K_i2t", l1), _as_k(k_t2i, "K_t2i", l2)
     return img, cap, k1, k2
 
 
@@ -168,7 +181,7 @@ def mine_reference(img, cap, k_i2t: int, k_t2i: int) -> KnnResult:
     n_i = img.shape[0]
     s = canonical_matrix(img, cap)
     rows = np.repeat(np.arange(n_i), 5)
-    cols = np.arange(5 * n_i)
+    cols = np.arange(CAPS_PER_IMAGE * n_i)
     s[rows, cols] = -np.inf                       # the positives: caption j of image j // 5
     i2t, i2t_s = _sort_rows(s, k1)
     t2i, t2i_s = _sort_rows(np.ascontiguousarray(s.T), k2)

@@ -28,9 +28,10 @@ from typing import Sequence
 
 import numpy as np
 
+from pipeline.data import CAPS_PER_IMAGE
 from pipeline.errors import InputError
 from pipeline.io import atomic_dir, atomic_path, jsonable, write_text
-from pipeline.mining.filters import CAPS_PER_IMAGE, FactIndex
+from pipeline.data.scene_graphs import FactIndex
 
 DEFAULT_BUCKETS = (1, 5, 10, 20, 50, 100, 300, 1000, 2000)
 CATEGORIES = ("sibling", "false_negative", "sibling_and_false_negative", "unrelated")
