@@ -125,10 +125,13 @@ def _commands(ckpt, data, mined, out):
         "report": ["report", "--metrics-dir", str(mined / "metrics"), "--run", "vsepp-triplet",
                    "--out", str(out)],
         "candidates-report": ["candidates-report", str(mined / "cands"), "--out", str(out)],
+        "import-candidates": ["import-candidates", "--i2t", str(mined / "cands" / "i2t_tiny.npy"),
+                              "--t2i", str(mined / "cands" / "t2i_tiny.npy"), "--out", str(out)],
     }
 
 
-COMMANDS = ["prepare-data", "train", "finetune", "embed", "mine-candidates", "report", "candidates-report"]
+COMMANDS = ["prepare-data", "train", "finetune", "embed", "mine-candidates", "report", "candidates-report",
+            "import-candidates"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -151,7 +154,8 @@ def test_every_command_refuses_a_user_folder_and_reruns_into_its_own(command, ck
 
 @pytest.mark.parametrize("command,where", [("embed", "data"), ("embed", "data_parent"),
                                            ("mine-candidates", "emb"), ("train", "data"),
-                                           ("finetune", "cands"), ("report", "metrics")])
+                                           ("finetune", "cands"), ("report", "metrics"),
+                                           ("import-candidates", "cands")])
 def test_out_overlapping_an_input_is_refused(command, where, ckpt, tiny_data, mined, capsys):
     target = {"data": tiny_data, "data_parent": tiny_data.parent, "emb": mined / "emb",
               "cands": mined / "cands", "metrics": mined / "metrics"}[where]

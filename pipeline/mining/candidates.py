@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data import CAPS_PER_IMAGE
 from pipeline.errors import InputError
-from pipeline.io import disk_full, open_npy, short_error, temp_beside
+from pipeline.io import atomic_dir, disk_full, open_npy, short_error, temp_beside
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"itm_pipeline"
@@ -549,7 +549,8 @@ def _to_int32_ids(x: np.ndarray, path: Path, direction: str, n_images: int) -> n
 
 def import_candidates(i2t_file, t2i_file, out_dir, name: str, *, n_images: int | None = None,
                       meta: dict | None = None) -> dict[str, Path]:
-    """Convert a published AOQ pair (.npy, possibly int64 or float) to our format in `out_dir`.
+    """Convert a published AOQ pair (.npy, possibly int64 or float) to our format in a new
+    `out_dir` (or one this command wrote before), never the folder of the input files.
 
     Ids are range-checked before the cast to int32, then the set is validated in full
     (no scores: the Parquet score column is null). Returns write_candidates' paths.
@@ -583,4 +584,7 @@ def import_candidates(i2t_file, t2i_file, out_dir, name: str, *, n_images: int |
         "scores": None,
         **(meta or {}),
     }
-    return write_candidates(out_dir, name, cands, full_meta)
+    # built beside out_dir and renamed whole; never into the folder of the files it reads
+    with atomic_dir(out_dir, "import-candidates", inputs=[i2t_file, t2i_file]) as tmp:
+        written = write_candidates(tmp, name, cands, full_meta)
+    return {k: Path(out_dir) / p.name for k, p in written.items()}
