@@ -19,7 +19,7 @@ import torch
 from pipeline.errors import InputError
 from pipeline.mining import (canonical_dot, canonical_matrix, lowp_error_bound, mine_faiss,
                              mine_reference, mine_torch, recall)
-from pipeline.mining import knn_torch
+from pipeline.mining.knn_torch import bound, selection, tiled_pass
 from pipeline.mining.reference import rescore_delta, rescore_topk
 
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -294,11 +294,11 @@ def test_pack_orders_keys_like_the_answer():
     values = np.float32([-np.inf, -1.5, -1e-30, 0.0, 1e-30, 0.5, 2.0, np.inf])
     f = rng.choice(values, (7, 40))
     ids = rng.integers(-1, 50, (7, 40)).astype(np.int32)
-    keys = knn_torch._pack(f, ids)
+    keys = selection._pack(f, ids)
     got, want = np.argsort(keys, axis=1), np.lexsort((ids.astype(np.uint32), -f), axis=1)
     for x in (f, ids):
         assert np.array_equal(np.take_along_axis(x, got, 1), np.take_along_axis(x, want, 1))
-    f2, ids2 = knn_torch._unpack(keys)
+    f2, ids2 = selection._unpack(keys)
     assert np.array_equal(f2, f) and np.array_equal(ids2, ids)
 
 
@@ -307,8 +307,8 @@ def test_failed_speculation_is_mined_again(monkeypatch, name):
     """Floors far too aggressive (z < 0): many queries fail the check and are mined again
     with proven floors; the answer stays exact."""
     img, cap = random_pair(60, 32, seed=14) if name == "random" else ADVERSARIAL[name]()
-    monkeypatch.setattr(knn_torch, "Z_SPEC", -2.0)
-    monkeypatch.setattr(knn_torch, "PILOT", 8)
+    monkeypatch.setattr(selection, "Z_SPEC", -2.0)
+    monkeypatch.setattr(tiled_pass, "PILOT", 8)
     res = mine_torch(img, cap, 30, 8, precision="fp32", row_block=16, col_block=40)
     st = res.stats
     assert st.get("rechecked_i2t", 0) > 0 and st.get("rechecked_t2i", 0) > 0
@@ -327,8 +327,8 @@ def test_exact_cut_when_ties_exceed_the_capacity(name):
 
 @pytest.mark.parametrize("dense", [0.0, 1.0])
 def test_dense_and_sparse_keys_agree(monkeypatch, dense):
-    monkeypatch.setattr(knn_torch, "DENSE_SHARE", dense)
-    monkeypatch.setattr(knn_torch, "KEY_ROWS", 7)               # several key blocks
+    monkeypatch.setattr(tiled_pass, "DENSE_SHARE", dense)
+    monkeypatch.setattr(tiled_pass, "KEY_ROWS", 7)               # several key blocks
     img, cap = random_pair(50, 48, seed=15)
     res = mine_torch(img, cap, 40, 7, precision="fp32", row_block=24, col_block=96)
     st = res.stats
@@ -359,9 +359,9 @@ def test_auto_precision_weighs_the_band(monkeypatch):
         def tile_mm(a, b):
             clock[0] += cost[a.dtype]
             return a.float() @ b.float().T
-        monkeypatch.setattr(knn_torch, "_tile_mm", tile_mm)
-        monkeypatch.setattr(knn_torch.time, "perf_counter", lambda: clock[0])
-        return knn_torch._pick_precision(16, torch.device("cpu"))
+        monkeypatch.setattr(bound, "_tile_mm", tile_mm)
+        monkeypatch.setattr(bound.time, "perf_counter", lambda: clock[0])
+        return bound._pick_precision(16, torch.device("cpu"))
     f32, f16, b16 = torch.float32, torch.float16, torch.bfloat16
     assert pick({f32: 1.0, f16: 0.8, b16: 0.5}) == "fp32"
     assert pick({f32: 1.0, f16: 0.5, b16: 0.5}) == "fp16"
@@ -375,8 +375,8 @@ def test_adversarial_data_has_teeth(monkeypatch, precision, name):
     """With the error bound switched off the pass loses true neighbours: the adversarial
     data really puts scores inside the bound of each precision."""
     img, cap = ADVERSARIAL[name]()
-    monkeypatch.setattr(knn_torch, "_data_bound", lambda *a: (0.0, 0.0))
-    monkeypatch.setattr(knn_torch, "_probe", lambda *a: 0.0)
+    monkeypatch.setattr(tiled_pass, "_data_bound", lambda *a: (0.0, 0.0))
+    monkeypatch.setattr(tiled_pass, "_probe", lambda *a: 0.0)
     res = mine_torch(img, cap, 37, 9, precision=precision)
     ref = reference(name, img, cap, 37, 9)
     assert not (np.array_equal(res.i2t, ref.i2t) and np.array_equal(res.t2i, ref.t2i))
@@ -453,8 +453,8 @@ def test_data_dependent_bound_is_within_the_a_priori_one(precision):
 
 
 def test_probe_refuses_a_gemm_that_breaks_the_bound(monkeypatch):
-    real = knn_torch._tile_mm
-    monkeypatch.setattr(knn_torch, "_tile_mm", lambda a, b: real(a, b) + 0.05)
+    real = bound._tile_mm
+    monkeypatch.setattr(bound, "_tile_mm", lambda a, b: real(a, b) + 0.05)
     img, cap = random_pair(20, 16, seed=1)
     with pytest.raises(RuntimeError, match="error bound"):
         mine_torch(img, cap, 5, 2, precision="bf16")
