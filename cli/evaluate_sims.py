@@ -8,7 +8,7 @@ import click
 from pipeline.data import CAPS_PER_IMAGE
 from pipeline.evaluation.protocols import PROTOCOLS, evaluate_sims as _evaluate_sims, load_sims
 from pipeline.evaluation.table import format_metrics_table
-from pipeline.io import write_json
+from pipeline.io import refuse_overlap, write_json
 
 
 @click.command("evaluate-sims")
@@ -26,6 +26,8 @@ def evaluate_sims(sims_path: Path, protocol: str, json_path: Path | None, chunk:
 
     Ranks are exact, with ties broken in favour of the lower index (stable sort).
     """
+    if json_path is not None:
+        refuse_overlap(json_path, [sims_path])
     sims = load_sims(sims_path)  # InputError (exit 2) for missing/corrupt/misshapen/non-finite
     metrics = _evaluate_sims(sims, protocol, chunk=chunk, source=str(sims_path))
     n_img = int(sims.shape[0])

@@ -7,7 +7,7 @@ import sys
 import click
 
 from pipeline.errors import InputError
-from pipeline.io import disk_full
+from pipeline.io import disk_full, final_name, short_error
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -54,11 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: {e}", err=True)
         return 2
     except OSError as e:
-        # a full disk anywhere the writers do not word it themselves: one line, exit 2
-        # (the writers' temp files are already gone: they clean up on every exception)
-        if not disk_full(e):
-            raise
-        click.echo(f"error: {e.filename or 'writing an output'}: no space left on the device", err=True)
+        # a full disk, a read-only file system, a missing permission wherever the writers
+        # do not word it themselves: one line, exit 2 (their temp files are already gone)
+        where = final_name(e.filename) if e.filename else "writing an output"
+        what = "no space left on the device" if disk_full(e) else (e.strerror or short_error(e))
+        click.echo(f"error: {where}: {what}", err=True)
         return 2
     except click.exceptions.Exit as e:
         return e.exit_code

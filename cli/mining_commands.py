@@ -32,7 +32,7 @@ def _section(params_file, section: str, known: set[str]) -> dict:
 @click.option("--data", "data_dir", type=click.Path(), default=None,
               help="SCAN precomp data folder.  [default: artifacts/data]")
 @click.option("--split", default=None, help="Split to embed.  [default: train]")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--out", "out_dir", type=click.Path(), default=None,
               help="Output folder: img_embs.npy, cap_embs.npy, embeddings.json.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass (captions: twice as many).  [default: 256]")
@@ -79,7 +79,7 @@ def embed(checkpoint, data_dir, split, out_dir, batch_size, device, block_rows, 
 @click.option("--data", "data_dir", type=click.Path(), default=None,
               help="SCAN precomp folder (to embed with --checkpoint; also names the files).")
 @click.option("--split", default=None, help="Split to embed with --checkpoint.  [default: train]")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--out", "out_dir", type=click.Path(), default=None,
               help="Output folder for the candidate files.")
 @click.option("--name", default=None,
               help="File name suffix: i2t_<name>.npy, t2i_<name>.npy.  [default: from the data folder, "

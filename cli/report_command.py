@@ -14,7 +14,7 @@ from pipeline.errors import InputError
               help="A fine-tuned run to include (repeatable).  [default: the params' finetune.runs]")
 @click.option("--base", default="base_test", show_default=True,
               help="Metrics file stem of the base model ('' for none).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="artifacts/report",
+@click.option("--out", "out_dir", type=click.Path(), default="artifacts/report",
               show_default=True, help="Writes report.md and recall.png here.")
 @click.option("--pretrained", multiple=True, metavar="MODEL",
               help="A model pretrained by the pretrain stage: its pretrain-MODEL row "

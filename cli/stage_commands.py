@@ -15,7 +15,7 @@ PARAMS_HELP = "Read defaults from this params.yaml (its --section); explicit opt
 @click.command("prepare-data")
 @click.option("--dataset", type=click.Choice(["synthetic", "precomp"]), default=None,
               help="synthetic: generate the embedded default dataset; precomp: a real SCAN folder.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--out", "out_dir", type=click.Path(), default=None,
               help="Output data folder (SCAN precomp layout).  [default: artifacts/data]")
 @click.option("--source", type=click.Path(), default=None, help="The SCAN precomp folder (--dataset precomp).")
 @click.option("--n-train", type=int, default=None, help="Synthetic: training images.")

@@ -62,8 +62,13 @@ def _full_error(path: Path, e: OSError) -> InputError:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_beside(path)
+    if path.is_dir():
+        raise InputError(path, "is a folder: give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_beside(path)
+    except OSError as e:
+        raise InputError(path, f"cannot write it ({short_error(e)})") from None
     try:
         yield tmp
         os.replace(tmp, path)
@@ -79,8 +84,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 # -- output folders: written only by the command that owns them -----------------------------
 def written_by(folder: str | Path) -> str | None:
     """The command whose output `folder` is (its stamp), or None."""
+    stamp = Path(folder) / STAMP
+    if stamp.is_symlink():          # a stamp is a file the tool wrote, never a link to one
+        return None
     try:
-        doc = json.loads((Path(folder) / STAMP).read_text())
+        doc = json.loads(stamp.read_text())
     except (OSError, ValueError):
         return None
     return doc.get("written_by") if isinstance(doc, dict) else None
@@ -126,9 +134,11 @@ def refuse_overlap(out: str | Path, inputs) -> None:
                                   "the inputs")
 
 
-def sweep_stale_temps(folder: str | Path, recursive: bool = False) -> int:
+def sweep_stale_temps(folder: str | Path, recursive: bool = False, only: str | None = None) -> int:
     """Remove the temp files and folders of this tool whose writing process is gone (a killed
-    run); another live process's temps stay. Returns how many went."""
+    run); another live process's temps stay. `only`: just the temps of the output named so
+    (in a folder the tool does not own, e.g. an output's parent, nothing else is touched).
+    Returns how many went."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
@@ -136,6 +146,8 @@ def sweep_stale_temps(folder: str | Path, recursive: bool = False) -> int:
     for entry in list(folder.rglob(".*") if recursive else folder.iterdir()):
         m = _TEMP.match(entry.name)
         if not m or _alive(int(m.group(1))):
+            continue
+        if only is not None and not entry.name.startswith(f".{only}.~"):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -163,10 +175,13 @@ def claim_dir(path: str | Path, owner: str, inputs=()) -> Path:
     path = _target(path)
     refuse_overlap(path, inputs)
     _check_owner(path, owner)
-    sweep_stale_temps(path.parent)
-    path.mkdir(parents=True, exist_ok=True)
-    if written_by(path) is None:
-        _stamp(path, owner)
+    sweep_stale_temps(path.parent, only=path.name)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if written_by(path) is None:
+            _stamp(path, owner)
+    except OSError as e:
+        raise InputError(path, f"cannot write the output folder ({short_error(e)})") from None
     sweep_stale_temps(path, recursive=True)
     return path
 
@@ -180,7 +195,7 @@ def atomic_dir(path: str | Path, owner: str, inputs=()) -> Iterator[Path]:
     refuse_overlap(path, inputs)
     _check_owner(path, owner)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale_temps(path.parent)
+    sweep_stale_temps(path.parent, only=path.name)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
@@ -233,17 +248,19 @@ def open_memmap_out(path: str | Path, dtype, shape) -> np.ndarray:
     dtype = np.dtype(dtype)
     shape = tuple(int(s) for s in shape)
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = offset = 0
     try:
         with open(path, "wb") as f:
             np.lib.format.write_array_header_1_0(f, header)
             offset = f.tell()
-            size = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            size = offset + nbytes
             if size > offset:
                 os.posix_fallocate(f.fileno(), 0, size)
     except OSError as e:
         path.unlink(missing_ok=True)
         if disk_full(e):
-            raise InputError(final_name(path), f"no space left on the device for {_size(size)} "
+            raise InputError(final_name(path), f"no space left on the device for {_size(nbytes)} "
                                    f"({short_error(e)})") from None
         raise
     if size == offset:       # np.memmap cannot map zero bytes

@@ -15,7 +15,7 @@ from pipeline.data.precomp import find_vocab, open_split
 from pipeline.data.vocab import Vocab
 from pipeline.embeddings import encode_split
 from pipeline.evaluation.protocols import evaluate_embeddings
-from pipeline.io import write_json
+from pipeline.io import refuse_overlap, write_json
 
 SECTION = "evaluate_base"
 
@@ -23,6 +23,9 @@ SECTION = "evaluate_base"
 def run(*, checkpoint, data_dir, split: str = "test", protocol: str = "full",
         out_json=None, groups_json=None, device: str = "cpu", batch_size: int = 128,
         progress: bool = True) -> dict:
+    for out in (out_json, groups_json):     # a metrics file never lands on an input
+        if out:
+            refuse_overlap(out, [checkpoint, data_dir])
     model, vocab, cfg = load_checkpoint(checkpoint, device)
     data = open_split(data_dir, split, expected_dim=cfg["model"].get("img_dim"))
     if vocab is None:

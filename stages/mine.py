@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from pipeline.errors import InputError
-from pipeline.io import atomic_dir, jsonable
+from pipeline.io import atomic_dir, jsonable, refuse_overlap
 from pipeline.mining.embed import CAP_FILE, IMG_FILE, META_FILE
 from pipeline.mining.mine import MineConfig, mine_embeddings, open_embedding_pair
 from pipeline.mining.reference import capped_k
@@ -162,6 +162,8 @@ def run(*, out_dir, cfg: MineConfig | None = None, name: str | None = None, img_
     if name is not None or data_dir is not None:    # fail before embedding, not after
         name = resolve_name(name, data_dir, None)
     inputs = [img_embs, cap_embs, checkpoint, data_dir] + ([embeddings_dir] if checkpoint is None else [])
+    if summary_json:
+        refuse_overlap(summary_json, [*inputs, out_dir])
     # the folder is built beside out_dir and renamed into place whole (an earlier output of
     # this command is replaced; anything else is refused before any work)
     with atomic_dir(out_dir, "mine-candidates", inputs=inputs) as tmp:

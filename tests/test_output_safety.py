@@ -380,3 +380,37 @@ def test_trainer_workers_arm_the_death_signal():
     loader = DataLoader(PdeathSig(), num_workers=1,
                         worker_init_fn=functools.partial(_worker_init, parent=os.getpid()))
     assert [int(b) for b in loader] == [signal.SIGKILL]
+
+
+def test_hostile_leftovers(ckpt, tiny_data, mined, tmp_path, capsys):
+    """Found by a hostile pass: user files shaped like temp names beside an output, a
+    stamp that is a link, metrics files pointed at inputs, --out an existing file."""
+    par = tmp_path / "par"
+    par.mkdir()
+    (par / ".notes.~99999~draft.tmp").write_text("mine\n")        # not this output's name
+    before = snapshot(par)
+    assert main(_commands(ckpt, tiny_data, mined, par / "new")["prepare-data"]) == 0
+    assert {k: v for k, v in snapshot(par).items() if not k.startswith("new")} == before
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "keep.txt").write_text("x")
+    (linked / STAMP).symlink_to(par / "new" / STAMP)           # borrowed stamp: not trusted
+    assert main(_commands(ckpt, tiny_data, mined, linked)["prepare-data"]) == 2
+    assert (linked / "keep.txt").read_text() == "x"
+    capsys.readouterr()
+    cfg = Path(ckpt) / "config.json"
+    cfg_bytes = cfg.read_bytes()
+    for argv in (["evaluate", "--quiet", "--checkpoint", str(ckpt), "--data", str(tiny_data),
+                  "--json", str(cfg)],
+                 ["evaluate", "--quiet", "--checkpoint", str(ckpt), "--data", str(tiny_data),
+                  "--groups-json", str(tiny_data / "x.json")],
+                 _commands(ckpt, tiny_data, mined, tmp_path / "c2")["mine-candidates"]
+                 + ["--summary-json", str(mined / "emb" / "embeddings.json")]):
+        assert main(argv) == 2
+        assert "input" in _err_line(capsys)
+    assert cfg.read_bytes() == cfg_bytes and not (tiny_data / "x.json").exists()
+    (tmp_path / "afile").write_text("x")
+    for cmd in ("prepare-data", "embed", "report"):
+        assert main(_commands(ckpt, tiny_data, mined, tmp_path / "afile")[cmd]) == 2
+        assert "exists and is not a folder" in _err_line(capsys)
+    assert (tmp_path / "afile").read_text() == "x"
