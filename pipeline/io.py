@@ -169,13 +169,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def claim_dir(path: str | Path, owner: str, inputs=()) -> Path:
-    """Make `path` `owner`'s output folder, written file by file (training runs, which resume
-    in place): refused unless new, empty or `owner`'s own; stale temps of killed runs go."""
+def _checked_output(path: str | Path, owner: str, inputs) -> Path:
+    """The output folder `path` names, checked before any work (no overlap with an input;
+    new, empty or `owner`'s own), with the stale temps of its killed runs beside it gone."""
     path = _target(path)
     refuse_overlap(path, inputs)
     _check_owner(path, owner)
+    path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(path.parent, only=path.name)
+    return path
+
+
+def claim_dir(path: str | Path, owner: str, inputs=()) -> Path:
+    """Make `path` `owner`'s output folder, written file by file (training runs, which resume
+    in place): refused unless new, empty or `owner`'s own; stale temps of killed runs go."""
+    path = _checked_output(path, owner, inputs)
     try:
         path.mkdir(parents=True, exist_ok=True)
         if written_by(path) is None:
@@ -191,11 +199,7 @@ def atomic_dir(path: str | Path, owner: str, inputs=()) -> Iterator[Path]:
     """Yield a fresh temporary sibling folder; it replaces `path` only if the block succeeds.
     An existing `path` is replaced only when `owner` wrote it (its stamp); anything else is
     refused before any work, and so is a `path` that overlaps an input."""
-    path = _target(path)
-    refuse_overlap(path, inputs)
-    _check_owner(path, owner)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale_temps(path.parent, only=path.name)
+    path = _checked_output(path, owner, inputs)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
