@@ -67,25 +67,22 @@ def step_times(model_name, base, data, candidates, *, steps: int, batch_size: in
     times a new model built with model_options."""
     from pipeline.checkpoint import load_checkpoint
     from pipeline.data.datasets import PairDataset, collate_pairs
-    from pipeline.data.precomp import find_vocab
-    from pipeline.data.vocab import Vocab
-    from pipeline.models import create_model
+    from pipeline.models import new_model
     from pipeline.data.offline import OfflineNegativeDataset, collate_offline, default_offcandisize
     from pipeline.data.precomp import open_split
-    from pipeline.finetuning import quintuplet_loss
-    from pipeline.losses.aoq import AOQSettings
+    from pipeline.losses.aoq import AOQSettings, quintuplet_loss
+    from pipeline.losses.triplet import triplet_objective
     from pipeline.mining.candidates import load_candidates
 
     split = open_split(data, "train")
     if base == "scratch":
-        vocab = Vocab.load(find_vocab(data))
-        model = create_model(model_name, img_dim=split.feature_dim, vocab_size=len(vocab),
-                             **(model_options or {}))
+        model = new_model(model_name, img_dim=split.feature_dim, data_dir=data,
+                          **(model_options or {}))
     else:
-        model, vocab, _ = load_checkpoint(base)
+        model, _ = load_checkpoint(base, data_dir=data)
     model.train()
     cands = load_candidates(candidates, n_images=split.n_images)
-    pairs = PairDataset(split, vocab, train=True)
+    pairs = PairDataset(split, model.tokenizer, train=True)
     off = OfflineNegativeDataset(pairs, cands.i2t, cands.t2i, default_offcandisize(split.n_captions))
     g = torch.Generator().manual_seed(0)
     idx = [torch.randperm(len(pairs), generator=g)[:batch_size].tolist() for _ in range(steps + 2)]
@@ -105,7 +102,8 @@ def step_times(model_name, base, data, candidates, *, steps: int, batch_size: in
     out = {}
     for _ in range(2):  # interleave the variants twice, keep the faster of each
         for name, fn, batches in (
-                ("triplet", lambda b: model.training_loss(b), plain),
+                ("triplet", lambda b: triplet_objective(model, b, margin=0.2, max_violation=True,
+                                                        mask_same_image=False), plain),
                 ("aoq_batched", lambda b: quintuplet_loss(model, b, aoq, "batched"), stacked),
                 ("aoq_three_passes", lambda b: quintuplet_loss(model, b, aoq, "three"), stacked)):
             t = timed(fn, batches)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from cli.params import load_section, pick, run_options
+from cli.params import (FINETUNE_MODEL_KEYS, FINETUNE_SECTION_KEYS, check_keys, load_section, pick,
+                        run_options)
 from cli.stage_commands import PARAMS_HELP, run_folder_options
 from pipeline.errors import InputError
 from pipeline.losses.registry import loss_names, losses_help
@@ -58,9 +59,10 @@ def finetune(model, loss, candidates_dir, init, data_dir, out_dir, epochs, batch
     """
     from stages import finetune as stage
 
-    p = load_section(params_file, section)
+    p = load_section(params_file, section, known=FINETUNE_SECTION_KEYS)
     model = pick(model, p, "model", "vse_inf")
-    per_model = (p.get("models") or {}).get(model) or {}
+    per_model = check_keys(dict((p.get("models") or {}).get(model) or {}), FINETUNE_MODEL_KEYS,
+                           params_file, f"{section}.models.{model}")
     p = {**p, **per_model}
     out_dir = pick(out_dir, p, "out", None)
     if not out_dir:

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from cli.params import load_section, pick
-from pipeline.errors import InputError, refuse_unknown
+from pipeline.errors import InputError
 from pipeline.timings import beside, write_timings
 
 PARAMS_HELP = "Read defaults from this params.yaml (its --section); explicit options win."
@@ -22,9 +22,7 @@ WORKERS_HELP = "Start a local dask cluster of N one-thread worker processes and 
 
 
 def _section(params_file, section: str, known: set[str]) -> dict:
-    p = load_section(params_file, section)
-    refuse_unknown(p, known, params_file, f"key(s) in section '{section}':")
-    return p
+    return load_section(params_file, section, known=known)
 
 
 @click.command("embed")

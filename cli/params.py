@@ -5,13 +5,30 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, refuse_unknown
 from pipeline.io import read_yaml
+from stages.check_params import FINETUNE_KEYS
+
+# the keys each training command reads from its params section (finetune: also from the
+# section's models.<model> mapping, which refines them per model)
+TRAIN_KEYS = {"model", "data", "out", "model_options", "train", "device", "init"}
+EVALUATE_KEYS = {"checkpoint", "data", "split", "protocol", "json", "groups_json", "device",
+                 "batch_size"}
+FINETUNE_MODEL_KEYS = {"init", "candidates", "model_options", "train"}
+# params.yaml's finetune section (check-params' keys), and what a hand-written one may add
+FINETUNE_SECTION_KEYS = FINETUNE_KEYS | {"model", "loss", "init", "out", "model_options", "train"}
 
 
-def load_section(params_file: str | Path | None, section: str, optional: bool = False) -> dict:
+def check_keys(node: dict, known, params_file, section: str) -> dict:
+    """The one unknown-key check of a params section: a typo is one line naming it."""
+    refuse_unknown(node, known, params_file, f"key(s) in section '{section}':")
+    return node
+
+
+def load_section(params_file: str | Path | None, section: str, optional: bool = False,
+                 known=None) -> dict:
     """The section (dotted: nested) of a params file; {} without a file, or when optional
-    and the file has no such section."""
+    and the file has no such section. `known`: the keys the section may have."""
     if not params_file:
         return {}
     path = Path(params_file)
@@ -23,7 +40,7 @@ def load_section(params_file: str | Path | None, section: str, optional: bool = 
                 return {}
             raise InputError(path, f"no '{section}' section")
         node = node[key]
-    return dict(node)
+    return check_keys(dict(node), known, path, section) if known is not None else dict(node)
 
 
 def parse_assignments(pairs: tuple[str, ...], flag: str) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.params import load_section, pick, run_options
+from cli.params import EVALUATE_KEYS, TRAIN_KEYS, load_section, pick, run_options
 from pipeline.errors import InputError
 
 PARAMS_HELP = "Read defaults from this params.yaml (its --section); explicit options win."
@@ -81,7 +81,7 @@ def train(model, data_dir, out_dir, epochs, batch_size, lr, seed, model_opts, tr
     """Train a model with the shared loop (dev-split selection, safetensors checkpoints)."""
     from stages import train_base
 
-    p = load_section(params_file, section)
+    p = load_section(params_file, section, known=TRAIN_KEYS)
     model = pick(model, p, "model", "vse_inf")
     data_dir = pick(data_dir, p, "data", "artifacts/data")
     out_dir = pick(out_dir, p, "out", None)
@@ -118,7 +118,7 @@ def evaluate(checkpoint, data_dir, split, protocol, out_json, groups_json, devic
     from pipeline.evaluation.table import format_metrics_table
     from stages import evaluate as stage
 
-    p = load_section(params_file, section)
+    p = load_section(params_file, section, known=EVALUATE_KEYS)
     checkpoint = pick(checkpoint, p, "checkpoint")
     if not checkpoint:
         raise InputError(None, "--checkpoint is required")

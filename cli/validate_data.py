@@ -5,30 +5,9 @@ from pathlib import Path
 
 import click
 
-from pipeline.data.precomp import CHECK_FINITE_MODES, SPLITS, features_candidates, find_vocab, open_split, split_present
-from pipeline.data.vocab import UNK, Vocab, tokenize
+from pipeline.data.precomp import CHECK_FINITE_MODES, SPLITS, features_candidates, open_split, split_present
+from pipeline.data.vocab import Vocab, find_vocab
 from pipeline.errors import InputError
-
-
-def _unk_share(split, vocab: Vocab) -> tuple[int, int]:
-    """(<unk> tokens, word tokens) of a split's captions under `vocab`."""
-    unk_id = vocab.word2idx[UNK]
-    n_unk = n_tok = 0
-    if split.captions is not None:
-        w2i = vocab.word2idx
-        for c in split.captions:
-            toks = tokenize(c)
-            n_tok += len(toks)
-            n_unk += sum(1 for t in toks if t not in w2i)
-    else:
-        size = len(vocab)
-        for line, ids in enumerate(split.precaps, 1):
-            if max(ids) >= size:
-                raise InputError(split.captions_path,
-                                 f"line {line} has word id {max(ids)}, but the vocab has {size} words")
-            n_tok += len(ids)
-            n_unk += sum(1 for i in ids if i == unk_id)
-    return n_unk, n_tok
 
 
 @click.command("validate-data")
@@ -39,9 +18,9 @@ def _unk_share(split, vocab: Vocab) -> tuple[int, int]:
 @click.option("--check-finite", type=click.Choice(CHECK_FINITE_MODES), default="auto", show_default=True,
               help="NaN/inf scan of the features: full, sample (~1000 rows), none; "
                    "auto = full below 2 GiB, else sample.")
-@click.option("--vocab", "vocab_path", type=click.Path(path_type=Path), default=None,
+@click.option("--vocab", "vocab_file", type=click.Path(path_type=Path), default=None,
               help="SCAN vocab JSON (default: looked up beside the data).")
-def validate_data(data_dir: Path, splits: tuple[str, ...], check_finite: str, vocab_path: Path | None):
+def validate_data(data_dir: Path, splits: tuple[str, ...], check_finite: str, vocab_file: Path | None):
     """Validate the SCAN precomp folder DATA_DIR and print one summary line per split."""
     if not data_dir.is_dir():
         raise InputError(data_dir, "data folder not found" if not data_dir.exists() else "not a folder")
@@ -61,15 +40,15 @@ def validate_data(data_dir: Path, splits: tuple[str, ...], check_finite: str, vo
                    f"storage {sp.storage} ({sp.features_path.name}), captions from {sp.caption_source}{ids}")
 
     try:
-        vpath = find_vocab(data_dir, vocab_path)
+        vpath = find_vocab(data_dir, vocab_file)
     except InputError as e:
-        if vocab_path is not None:
+        if vocab_file is not None:
             raise
         click.echo(f"vocab: none ({e.problem}); GRU text encoders need one, BERT ones do not")
         return
-    vocab = Vocab.load(vpath)
-    click.echo(f"vocab: {len(vocab)} words ({vpath})")
+    words = Vocab.load(vpath)
+    click.echo(f"vocab: {len(words)} words ({vpath})")
     for sp in opened:
-        n_unk, n_tok = _unk_share(sp, vocab)
+        n_unk, n_tok = words.unk_share(sp)
         share = 100.0 * n_unk / n_tok if n_tok else 0.0
         click.echo(f"{sp.split}: <unk> {share:.2f}% of {n_tok} word tokens")

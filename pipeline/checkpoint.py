@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors weights + a JSON config + the vocab, in one directory.
+"""Checkpoints: safetensors weights + a JSON config + the model's tokenizer, in one directory.
 
 No pickles: a checkpoint loads with any torch version, and its config says how to rebuild
 the model (SPEC §7: torch >= 2.6 refuses the references' pickled argparse Namespaces).
@@ -14,20 +14,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.data.vocab import Vocab
 from pipeline.errors import InputError
 from pipeline.io import atomic_dir, read_json, require_free_space
 
 FORMAT = "itm-pipeline/checkpoint-v1"
-WEIGHTS, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def save_checkpoint(path: str | Path, model, vocab: Vocab | None, meta: dict[str, Any] | None = None) -> Path:
-    """Write model weights, config and vocab atomically into directory `path`."""
+def save_checkpoint(path: str | Path, model, meta: dict[str, Any] | None = None) -> Path:
+    """Write model weights, config and tokenizer atomically into directory `path`."""
     path = Path(path)
     state = _contiguous(model.state_dict())
     require_free_space(path.parent, sum(t.numel() * t.element_size() for t in state.values()),
@@ -36,8 +35,8 @@ def save_checkpoint(path: str | Path, model, vocab: Vocab | None, meta: dict[str
         save_file(state, str(tmp / WEIGHTS))
         config = {"format": FORMAT, "model": model.config, "meta": meta or {}}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        if vocab is not None:
-            vocab.save(tmp / VOCAB)
+        if model.tokenizer is not None:
+            model.tokenizer.save_to(tmp)
     return path
 
 
@@ -68,22 +67,36 @@ def load_state_dict(file: str | Path, device: str | torch.device = "cpu") -> dic
     return state
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """Returns (model in eval mode on `device`, vocab or None, config dict)."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", *, data_dir=None):
+    """Returns (model in eval mode on `device`, with its tokenizer; config dict).
+
+    A checkpoint saved without a tokenizer (an imported one) takes the tokenizer of
+    `data_dir` (its SCAN vocab) if given."""
     from pipeline.device import resolve_device
-    from pipeline.models import model_from_config
+    from pipeline.models import model_class, model_from_config
 
     device = resolve_device(device)          # a bad --device is one line, before any reading
     path = Path(path)
     cfg = read_checkpoint_config(path)
-    model = model_from_config(cfg["model"])
+    model_cfg = cfg["model"]
+    name = model_cfg.get("name") if isinstance(model_cfg, dict) else None
+    try:
+        tok_class = model_class(name).tokenizer_class
+    except InputError as e:
+        raise InputError(path / CONFIG, e.problem) from None
+    tokenizer = tok_class.load_from(path)
+    if tokenizer is None:
+        if data_dir is None:
+            raise InputError(path, "checkpoint has no tokenizer (vocab.json) and no data folder "
+                                   "was given to take one from")
+        tokenizer = tok_class.for_training(model_cfg, data_dir)
+    model = model_from_config(model_cfg, tokenizer, source=path / CONFIG)
     state = load_state_dict(path / WEIGHTS)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise InputError(path / WEIGHTS, f"weights do not match the config "
                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    vocab = Vocab.load(path / VOCAB) if (path / VOCAB).exists() else None
-    return model.to(device).eval(), vocab, cfg
+    return model.to(device).eval(), cfg
 
 
 def checkpoint_hash(path: str | Path) -> str:

@@ -1,12 +1,5 @@
-"""AOQ fine-tuning: the objective over stacked quintuplet batches and candidate refresh.
-
-One step encodes the anchors (i, t), the offline negatives (i~, t~) and their partners
-(i', t') in ONE forward pass of 3B items (`passes="batched"`): BatchNorm layers normalise
-each B-sized segment on their own (pipeline.models.ghost_bn), so the loss, the gradients and
-the running statistics equal the reference's three passes (`passes="three"`, kept for the
-equivalence test and the benchmark). Auxiliary losses (VSRN's caption generation) see the
-anchors only. Independent and cross-attention models alike score the offline pairs with
-`pair_scores`, the batch with `similarity`.
+"""Candidate refresh during fine-tuning: re-mine the offline candidates with the model
+being trained (the AOQ family's objective itself is in pipeline.losses.aoq).
 """
 from __future__ import annotations
 
@@ -15,59 +8,10 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
+from pipeline.data.offline import OfflineNegativeDataset
+from pipeline.scoring import mine_split, require_indexable
 
-from pipeline.data.offline import OfflineNegativeDataset, split_segments
-from pipeline.embeddings import encode_split
-from pipeline.losses.aoq import AOQSettings, aoq_loss
-from pipeline.losses.triplet import same_image_mask
-
-PASSES = ("batched", "three")
 _STEP_DIR = re.compile(r"step-(\d{8})")
-
-
-def encode_quintuplets(model, batch: dict, passes: str = "batched"):
-    """(img (3B, D), txt (3B, D), auxiliary loss or None, logs) of a stacked batch."""
-    b = batch["n_anchor"]
-    if passes == "batched":
-        return model.encode_batch(batch, segments=[b, b, b])
-    if passes != "three":
-        raise ValueError(f"passes must be one of {PASSES}, got {passes!r}")
-    anchors, *offline = split_segments(batch)
-    img, txt, aux, logs = model.encode_batch(anchors)
-    imgs, txts = [img], [txt]
-    for part in offline:
-        imgs.append(model.encode_image(part["images"], part["img_lengths"]))
-        txts.append(model.encode_text(part["tokens"], part["lengths"]))
-    return torch.cat(imgs), torch.cat(txts), aux, logs
-
-
-def quintuplet_loss(model, batch: dict, aoq: AOQSettings, passes: str = "batched"):
-    """The AOQ-family loss of one stacked batch plus the model's auxiliary loss."""
-    b = batch["n_anchor"]
-    img, txt, aux, logs = encode_quintuplets(model, batch, passes)
-    a_img, n_img, p_img = img[:b], img[b:2 * b], img[2 * b:]
-    a_txt, n_txt, p_txt = txt[:b], txt[b:2 * b], txt[2 * b:]
-    scores = model.similarity(a_img, a_txt)
-    pos_mask = same_image_mask(batch["img_index"][:b]) if aoq.mask_same_image else None
-    loss, loss_logs = aoq_loss(
-        scores, model.pair_scores(a_img, n_txt), model.pair_scores(n_img, a_txt),
-        model.pair_scores(n_img, n_txt), model.pair_scores(p_img, p_txt), aoq,
-        positive_mask=pos_mask, accidental=batch.get("accidental"))
-    logs = {**loss_logs, **logs}
-    if aux is not None:
-        loss = loss + aux
-    return loss, logs
-
-
-def make_objective(aoq: AOQSettings, passes: str = "batched"):
-    """A Trainer objective for stacked batches (collate_offline)."""
-    aoq.check()
-
-    def objective(model, batch, *, epoch: int, settings):
-        return quintuplet_loss(model, batch, aoq, passes)
-
-    return objective
 
 
 class CandidateRefresh:
@@ -78,18 +22,18 @@ class CandidateRefresh:
     `out_dir/refreshed/step-<s, 8 digits>/`; `start` (the Trainer's on_start) puts the
     newest one at or below the resumed step back into the dataset."""
 
-    def __init__(self, dataset: OfflineNegativeDataset, split, vocab, k_i2t: int, k_t2i: int,
+    def __init__(self, dataset: OfflineNegativeDataset, split, model, k_i2t: int, k_t2i: int,
                  out_dir: str | Path, name: str, *, every: int = 0, every_steps: int = 0,
-                 precision: str = "auto", device: str = "cpu", batch_size: int = 256):
+                 precision: str = "auto", batch_size: int = 256, source=None):
+        # a cross model has no rows to mine with: refused before the first step
+        require_indexable(model, source, "the candidate refresh mines with independent embeddings")
         self.dataset = dataset
         self.split = split
-        self.vocab = vocab
         self.every, self.every_steps = int(every), int(every_steps)
         self.k_i2t, self.k_t2i = int(k_i2t), int(k_t2i)
         self.folder = Path(out_dir) / "refreshed"
         self.name = name
         self.precision = precision
-        self.device = device
         self.batch_size = batch_size
 
     def on_epoch_end(self, trainer) -> dict:
@@ -105,14 +49,11 @@ class CandidateRefresh:
         return None
 
     def refresh(self, trainer) -> dict:
-        from pipeline.mining import mine_torch
         from pipeline.mining.candidates import Candidates, write_candidates
 
         t0 = time.perf_counter()
-        img, cap = encode_split(trainer.model, self.split, self.vocab, batch_size=self.batch_size,
-                                device=str(trainer.device))
-        knn = mine_torch(img, cap, self.k_i2t, self.k_t2i, precision=self.precision,
-                         device=self.device, progress=False)
+        knn = mine_split(trainer.model, self.split, self.k_i2t, self.k_t2i, precision=self.precision,
+                         device=str(trainer.device), batch_size=self.batch_size)
         step = trainer.global_step
         meta = {"refreshed_after_step": step, "epoch": trainer.epoch + 1}
         write_candidates(self.folder / f"step-{step:08d}", self.name,

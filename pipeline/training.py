@@ -7,7 +7,9 @@
   data augmentation of a pair a pure function of (seed, epoch, caption index) and the LR a
   pure function of the epoch, so a run restored from its last state (weights, optimizer,
   torch RNG, position in the epoch) continues bit for bit like an uninterrupted one.
-- Artifacts: `checkpoint/` (best dev rsum: safetensors + config.json + vocab.json),
+- Dev evaluation scores through pipeline.scoring (whatever the model's kind); the
+  objective comes from the loss registry (pipeline.losses).
+- Artifacts: `checkpoint/` (best dev rsum: safetensors + config.json + the tokenizer),
   `state/` (resume), `train_log.tsv` (per-epoch metrics for `dvc plots`),
   `train_metrics.json` (summary for `dvc metrics`), both free of wall times (the same
   bytes for the same inputs and seed), and `timings.json` (seconds per epoch, host;
@@ -36,11 +38,11 @@ from pipeline.progress import progress
 from pipeline.checkpoint import load_state_dict, save_checkpoint
 from pipeline.data.datasets import PairDataset, collate_pairs
 from pipeline.device import resolve_device
-from pipeline.embeddings import encode_split
 from pipeline.errors import InputError, refuse_unknown
-from pipeline.evaluation.protocols import evaluate_embeddings
+from pipeline.losses.registry import Objective, get_loss
 from pipeline.io import atomic_dir, require_free_space, write_json, write_text
 from pipeline.processes import die_with_parent
+from pipeline.scoring import encode_gallery
 from pipeline.timings import FILE as TIMINGS_FILE, write_timings
 
 LOG_COLUMNS = ["epoch", "lr", "max_violation", "train_loss", "dev_i2t_r1", "dev_i2t_r5",
@@ -100,16 +102,6 @@ def _as_bool(v) -> bool:
     return bool(v)
 
 
-Objective = Callable[..., tuple[torch.Tensor, dict[str, float]]]
-
-
-def triplet_objective(model, batch, *, epoch: int, settings: TrainSettings):
-    """VSE++ hinge; sums over negatives during the warm-up epochs."""
-    max_violation = settings.max_violation and epoch >= settings.warmup_epochs
-    return model.training_loss(batch, max_violation=max_violation, margin=settings.margin,
-                               mask_same_image=settings.mask_same_image)
-
-
 def epoch_lr(settings: TrainSettings, epoch: int) -> float:
     return settings.lr * settings.lr_decay ** (epoch // settings.lr_update)
 
@@ -127,14 +119,16 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 class Trainer:
-    def __init__(self, model, vocab, train_split, dev_split, settings: TrainSettings,
+    def __init__(self, model, train_split, dev_split, settings: TrainSettings,
                  out_dir: str | Path, *, device: str = "cpu", progress: bool = True,
-                 objective: Objective = triplet_objective, meta: dict | None = None,
+                 objective: Objective | None = None, meta: dict | None = None,
                  dataset=None, collate_fn=collate_pairs,
                  on_epoch_end: Callable[["Trainer"], dict] | None = None,
                  on_step_end: Callable[["Trainer"], dict | None] | None = None,
                  on_start: Callable[["Trainer"], None] | None = None):
-        """`dataset` (default: a PairDataset of train_split) must offer set_epoch(epoch);
+        """`objective` (default: the triplet loss of the registry) is called as
+        objective(model, batch, epoch=e). `dataset` (default: a PairDataset of train_split
+        read with the model's tokenizer) must offer set_epoch(epoch);
         `on_epoch_end(trainer)` runs after each epoch's evaluation and returns extra
         columns for that epoch's log row (e.g. a candidate refresh).
         `on_step_end(trainer)` runs after every optimizer step; a non-empty dict means it
@@ -143,14 +137,13 @@ class Trainer:
         `on_start(trainer)` runs once before the first step, after a resume state was
         loaded (to restore what the state does not hold, e.g. refreshed candidates)."""
         self.model = model
-        self.vocab = vocab
         self.train_split = train_split
         self.dev_split = dev_split
         self.s = settings
         self.out = Path(out_dir)
         self.device = resolve_device(device)
         self.progress = progress
-        self.objective = objective
+        self.objective = objective or get_loss("triplet").objective(settings)
         self.meta = dict(meta or {})
         self.model.to(self.device)
         groups = self.model.param_groups(settings.lr, settings.weight_decay)
@@ -159,7 +152,7 @@ class Trainer:
         opt_cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(groups, lr=settings.lr, weight_decay=settings.weight_decay)
         self.dataset = dataset if dataset is not None else PairDataset(
-            train_split, vocab, train=True, region_drop=settings.region_drop,
+            train_split, model.tokenizer, train=True, region_drop=settings.region_drop,
             token_aug=settings.token_aug, seed=settings.seed)
         self.collate_fn = collate_fn
         self.on_epoch_end = on_epoch_end
@@ -257,9 +250,9 @@ class Trainer:
 
     # ----------------------------------------------------------------- evaluation
     def evaluate_dev(self) -> dict:
-        img, cap = encode_split(self.model, self.dev_split, self.vocab,
-                                batch_size=self.s.eval_batch_size, device=str(self.device))
-        return evaluate_embeddings(img, cap, "full")
+        gallery = encode_gallery(self.model, self.dev_split, batch_size=self.s.eval_batch_size,
+                                 device=str(self.device))
+        return gallery.evaluate("full")
 
     # ----------------------------------------------------------------- logs
     def write_logs(self) -> None:
@@ -316,7 +309,7 @@ class Trainer:
                                     if s.num_workers else None)
                 for batch in loader:
                     loss, logs = self.objective(self.model, _to(batch, self.device),
-                                                epoch=self.epoch, settings=s)
+                                                epoch=self.epoch)
                     if not torch.isfinite(loss):
                         raise RuntimeError(f"non-finite loss at epoch {self.epoch + 1} "
                                            f"step {self.step_in_epoch}")
@@ -361,7 +354,7 @@ class Trainer:
             improved = dev["rsum"] > self.best_rsum
             if improved:
                 self.best_rsum, self.best_epoch = dev["rsum"], self.epoch + 1
-                save_checkpoint(self.out / "checkpoint", self.model, self.vocab,
+                save_checkpoint(self.out / "checkpoint", self.model,
                                 {**self.meta, "epoch": self.epoch + 1, "dev_rsum": dev["rsum"],
                                  "train_settings": dataclasses.asdict(s)})
             tqdm.write(f"epoch {self.epoch + 1}: loss {row['train_loss']:.4f}  dev rsum "

@@ -11,11 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.data.precomp import find_vocab, open_split
-from pipeline.data.vocab import Vocab
-from pipeline.embeddings import encode_split
-from pipeline.evaluation.protocols import evaluate_embeddings
+from pipeline.data.precomp import open_split
 from pipeline.io import refuse_overlap, write_json
+from pipeline.scoring import encode_gallery
 
 SECTION = "evaluate_base"
 
@@ -26,19 +24,17 @@ def run(*, checkpoint, data_dir, split: str = "test", protocol: str = "full",
     for out in (out_json, groups_json):     # a metrics file never lands on an input
         if out:
             refuse_overlap(out, [checkpoint, data_dir])
-    model, vocab, cfg = load_checkpoint(checkpoint, device)
+    model, cfg = load_checkpoint(checkpoint, device, data_dir=data_dir)
     data = open_split(data_dir, split, expected_dim=cfg["model"].get("img_dim"))
-    if vocab is None:
-        vocab = Vocab.load(find_vocab(data_dir))
-    img, cap = encode_split(model, data, vocab, batch_size=batch_size, device=device,
-                            progress=progress, source=checkpoint)  # refuses NaN / zero rows
-    metrics = evaluate_embeddings(img, cap, protocol)
+    gallery = encode_gallery(model, data, batch_size=batch_size, device=device,
+                             progress=progress, source=checkpoint)  # refuses NaN / zero rows
+    metrics = gallery.evaluate(protocol)
     if out_json:
         write_json(out_json, metrics)
     result = {"metrics": metrics}
     graphs_file = Path(data_dir) / f"{split}_graphs.jsonl"
     if graphs_file.exists():
-        result["groups"] = family_evaluation(data_dir, split, img @ cap.T)
+        result["groups"] = family_evaluation(data_dir, split, gallery.matrix())
         if groups_json:
             write_json(groups_json, result["groups"])
     return result

@@ -39,8 +39,8 @@ def prepare_synthetic(params: dict, out_dir, progress: bool = True) -> dict:
 
 
 def prepare_precomp(source, out_dir) -> dict:
-    from pipeline.data.precomp import find_vocab, open_split
-    from pipeline.data.vocab import build_vocab
+    from pipeline.data.precomp import open_split
+    from pipeline.data.vocab import build_vocab, find_vocab
     from pipeline.io import write_json
 
     source = Path(source).resolve()

@@ -5,11 +5,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data.precomp import find_vocab, open_split
-from pipeline.data.vocab import Vocab
+from pipeline.data.precomp import open_split
 from pipeline.errors import InputError
 from pipeline.io import claim_dir
-from pipeline.models import create_model, model_config
+from pipeline.models import model_config, new_model
 from pipeline.training import Trainer, TrainSettings
 
 SECTION = "train_base"
@@ -23,24 +22,26 @@ def settings_for(model_name: str, train_options: dict, source: str = "params") -
 
 def run(*, model: str, data_dir: str | Path, out_dir: str | Path, model_options: dict | None = None,
         train_options: dict | None = None, device: str = "cpu", resume: bool = False,
-        init_from: str | Path | None = None, vocab_path: str | Path | None = None,
+        init_from: str | Path | None = None, tokenizer_source: str | Path | None = None,
         progress: bool = True, stop_after_steps: int | None = None,
         kill_after_steps: int | None = None) -> dict:
+    """`tokenizer_source`: what the model's tokenizer is read from instead of the data
+    folder's default (a SCAN vocab file for the GRU models, the CLI's --vocab)."""
     settings = settings_for(model, train_options or {})
-    vocab = Vocab.load(find_vocab(data_dir, vocab_path))
     train = open_split(data_dir, "train")
     dev = open_split(data_dir, "dev", expected_dim=train.feature_dim)
     torch.manual_seed(settings.seed)  # weight init
-    net = create_model(model, img_dim=train.feature_dim, vocab_size=len(vocab), **(model_options or {}))
+    net = new_model(model, img_dim=train.feature_dim, data_dir=data_dir,
+                    tokenizer_source=tokenizer_source, **(model_options or {}))
     if init_from:
         from pipeline.checkpoint import load_checkpoint
 
-        init_model, _, _ = load_checkpoint(init_from)
+        init_model, _ = load_checkpoint(init_from, data_dir=data_dir)
         if init_model.config != net.config:
             raise InputError(init_from, "checkpoint config differs from the model being trained")
         net.load_state_dict(init_model.state_dict())
-    claim_dir(out_dir, "train", inputs=[data_dir, init_from, vocab_path])
-    trainer = Trainer(net, vocab, train, dev, settings, out_dir, device=device, progress=progress,
+    claim_dir(out_dir, "train", inputs=[data_dir, init_from, tokenizer_source])
+    trainer = Trainer(net, train, dev, settings, out_dir, device=device, progress=progress,
                       meta={"data_dir": str(data_dir), "init_from": str(init_from) if init_from else None})
     return trainer.run(resume=resume, stop_after_steps=stop_after_steps,
                        kill_after_steps=kill_after_steps)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.data.datasets import (CaptionDataset, ImageDataset, PairDataset, augment_tokens,
-                                    collate_captions, collate_images, collate_pairs)
+from pipeline.data.datasets import (CaptionDataset, ImageDataset, PairDataset, collate_captions,
+                                    collate_images, collate_pairs)
 from pipeline.data.precomp import open_split
-from pipeline.data.vocab import Vocab, build_vocab
+from pipeline.data.vocab import Vocab, augment_tokens, build_vocab
 from pipeline.errors import InputError
 
 N_IMG, R, F = 6, 36, 8

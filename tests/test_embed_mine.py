@@ -9,7 +9,7 @@ from cli.main import main
 from pipeline.io import STAMP
 from pipeline.checkpoint import checkpoint_hash, load_checkpoint
 from pipeline.data.precomp import open_split
-from pipeline.embeddings import encode_split
+from pipeline.scoring import encode_gallery
 from pipeline.mining import mine_reference
 from pipeline.mining.candidates import dataset_name, load_candidates
 from pipeline.mining.embed import (CAP_FILE, IMG_FILE, META_FILE, embed_split,
@@ -43,9 +43,9 @@ def _one_line_error(capsys, *names):
 # --------------------------------------------------------------------------- embed
 def test_embed_matches_encode_split(ckpt, tiny_data, emb_dir, embs):
     img, cap = embs
-    model, vocab, _ = load_checkpoint(ckpt)
+    model, _ = load_checkpoint(ckpt)
     split = open_split(tiny_data, "train")
-    ref_img, ref_cap = encode_split(model, split, vocab)
+    ref_img, ref_cap = encode_gallery(model, split).rows()
     assert img.dtype == np.float32 and cap.dtype == np.float32
     assert img.shape == ref_img.shape == (N_IMG, 16) and cap.shape == ref_cap.shape == (5 * N_IMG, 16)
     np.testing.assert_allclose(img, ref_img, atol=1e-6, rtol=0)
@@ -65,14 +65,14 @@ def test_embed_streaming_and_ranges(ckpt, tiny_data, embs, tmp_path):
     embed_split(ckpt, tiny_data, "train", out, batch_size=4, block_rows=7, progress=False)
     np.testing.assert_allclose(np.load(out / IMG_FILE), img, atol=1e-6, rtol=0)
     np.testing.assert_allclose(np.load(out / CAP_FILE), cap, atol=1e-6, rtol=0)
-    model, vocab, _ = load_checkpoint(ckpt)
+    model, _ = load_checkpoint(ckpt)
     split = open_split(tiny_data, "train")
     np.testing.assert_allclose(encode_image_range(model, split, 13, 31, batch_size=5), img[13:31], atol=1e-6)
-    np.testing.assert_allclose(encode_caption_range(model, split, vocab, 41, 97, batch_size=9),
+    np.testing.assert_allclose(encode_caption_range(model, split, 41, 97, batch_size=9),
                                cap[41:97], atol=1e-6)
     assert encode_image_range(model, split, 5, 5).shape == (0, 16)
     with pytest.raises(IndexError):
-        encode_caption_range(model, split, vocab, 0, 5 * N_IMG + 1)
+        encode_caption_range(model, split, 0, 5 * N_IMG + 1)
 
 
 def test_embed_failure_leaves_previous_files(ckpt, tiny_data, tmp_path, monkeypatch):

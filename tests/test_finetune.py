@@ -13,8 +13,7 @@ from pipeline.data.offline import (OfflineNegativeDataset, collate_offline, defa
 from pipeline.data.precomp import open_split
 from pipeline.data.vocab import Vocab
 from pipeline.errors import InputError
-from pipeline.finetuning import quintuplet_loss
-from pipeline.losses.aoq import AOQSettings
+from pipeline.losses.aoq import AOQSettings, quintuplet_loss
 from pipeline.mining.candidates import Candidates, write_candidates
 from pipeline.models import create_model
 
@@ -139,7 +138,7 @@ def test_batched_pass_equals_three_passes_vse_inf(split_vocab, variant):
     split, vocab = split_vocab
     batch = _batch(split_vocab, random_candidates(100, 30, 8, seed=4), region_drop=0.2)
     buffers = _equal_passes(lambda: create_model("vse_inf", img_dim=split.feature_dim,
-                                                 vocab_size=len(vocab), embed_size=16, word_dim=8),
+                                                 tokenizer=vocab, embed_size=16, word_dim=8),
                             batch, AOQSettings(loss=variant))
     assert any("running_mean" in n for n in buffers)
     assert all(int(v) == 3 for n, v in buffers.items() if "num_batches" in n)  # three updates
@@ -159,7 +158,7 @@ def test_batched_pass_equals_three_passes_vsrn(split_vocab):
     for key, val in (("decoder_hidden", 16), ("decoder_word_dim", 8), ("attention_size", 16)):
         if key in known:
             opts[key] = val
-    _equal_passes(lambda: create_model("vsrn", img_dim=split.feature_dim, vocab_size=len(vocab), **opts),
+    _equal_passes(lambda: create_model("vsrn", img_dim=split.feature_dim, tokenizer=vocab, **opts),
                   batch, AOQSettings(loss="aoq"))
 
 
@@ -279,8 +278,8 @@ def test_step_refresh_skips_the_last_step_and_logs_zero(tiny_data, cands_dir, tm
 
 
 def test_step_refresh_mines_the_model_of_that_step(tiny_data, cands_dir, split_vocab, tmp_path):
-    from pipeline.embeddings import encode_split
     from pipeline.mining import mine_torch
+    from pipeline.scoring import encode_gallery
     from pipeline.mining.candidates import load_candidates
     from stages import finetune
 
@@ -292,10 +291,10 @@ def test_step_refresh_mines_the_model_of_that_step(tiny_data, cands_dir, split_v
     state = json.loads((out / "state" / "trainer.json").read_text())
     assert state["global_step"] == 10  # saved right after the refresh
     split, vocab = split_vocab
-    model = create_model("vse_inf", img_dim=split.feature_dim, vocab_size=len(vocab),
+    model = create_model("vse_inf", img_dim=split.feature_dim, tokenizer=vocab,
                          embed_size=16, word_dim=8)
     model.load_state_dict({k[6:]: v for k, v in _state(out).items() if k.startswith("model.")})
-    img, cap = encode_split(model, split, vocab, batch_size=256)
+    img, cap = encode_gallery(model, split, batch_size=256).rows()
     knn = mine_torch(img, cap, 30, 8)
     got = load_candidates(out / "refreshed" / "step-00000010", "train", n_images=100)  # validates
     assert np.array_equal(got.i2t, knn.i2t) and np.array_equal(got.t2i, knn.t2i)
@@ -413,12 +412,12 @@ def test_ablation_width_options_keep_the_checkpoint_architecture(tmp_path, monke
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import aoq_ablation
 
-    net = create_model("vsrn", img_dim=8, vocab_size=20, embed_size=16, word_dim=6,
+    net = create_model("vsrn", img_dim=8, tokenizer=Vocab(f"w{i}" for i in range(16)), embed_size=16, word_dim=6,
                        decoder_hidden=10, decoder_word_dim=4)
-    save_checkpoint(tmp_path / "ckpt", net, None)
+    save_checkpoint(tmp_path / "ckpt", net)
     opts = aoq_ablation.width_options(str(tmp_path / "ckpt"), {}, 32)
     assert opts["embed_size"] == 32 and opts["decoder_hidden"] == 10 and "img_dim" not in opts
-    rebuilt = create_model("vsrn", img_dim=8, vocab_size=20, **opts)
+    rebuilt = create_model("vsrn", img_dim=8, tokenizer=Vocab(f"w{i}" for i in range(16)), **opts)
     assert rebuilt.config == {**net.config, "embed_size": 32}
     assert aoq_ablation.width_options("scratch", {"model_options": {"word_dim": 6}}, 8) == {
         "word_dim": 6, "embed_size": 8}

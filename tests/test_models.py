@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from pipeline.errors import InputError
-from pipeline.models import create_model, list_models, model_config, model_from_config
+from pipeline.data.vocab import Vocab
+from pipeline.losses.triplet import triplet_objective
+from pipeline.models import Encoded, create_model, list_models, model_config, model_from_config
 from pipeline.models.base import ITMModel
 from pipeline.models.ghost_bn import SegmentBatchNorm1d, bn_segments
 from pipeline.models.gpo import GPO
@@ -19,9 +21,18 @@ SIZES = dict(embed_size=EMBED, word_dim=12)
 MODELS = ["vse_inf", "vsepp"]
 
 
+def vocab_of_size(n: int) -> Vocab:
+    return Vocab(f"w{i}" for i in range(n - 4))
+
+
 def make(name: str, seed: int = 0, **kw) -> ITMModel:
     torch.manual_seed(seed)
-    return create_model(name, img_dim=IMG_DIM, vocab_size=VOCAB, **{**SIZES, **kw})
+    return create_model(name, img_dim=IMG_DIM, tokenizer=vocab_of_size(VOCAB), **{**SIZES, **kw})
+
+
+def training_loss(m, batch, max_violation=True):
+    return triplet_objective(m, batch, margin=0.2, max_violation=max_violation,
+                             mask_same_image=False)
 
 
 def make_batch(b: int = 6, r: int = 7, l: int = 9, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -63,11 +74,11 @@ def test_create_model_config(name):
 
 def test_registry_errors():
     with pytest.raises(InputError, match=r"unknown model 'nope' \(known: .*vse_inf"):
-        create_model("nope", img_dim=4, vocab_size=10)
+        create_model("nope", img_dim=4, tokenizer=vocab_of_size(10))
     with pytest.raises(InputError, match=r"configs/models/vsepp.yaml: unknown model option 'bogus'"):
-        create_model("vsepp", img_dim=4, vocab_size=10, bogus=1)
+        create_model("vsepp", img_dim=4, tokenizer=vocab_of_size(10), bogus=1)
     with pytest.raises(InputError):
-        model_from_config({"img_dim": 4})
+        model_from_config({"img_dim": 4}, vocab_of_size(10))
     with pytest.raises(InputError, match="precomp_enc_type"):
         make("vse_inf", precomp_enc_type="resnet")
 
@@ -75,16 +86,16 @@ def test_registry_errors():
 @pytest.mark.parametrize("name", MODELS)
 def test_model_from_config_round_trip(name):
     m = make(name, seed=0).eval()
-    m2 = model_from_config(json.loads(json.dumps(m.config)))   # as saved in config.json
+    m2 = model_from_config(json.loads(json.dumps(m.config)), m.tokenizer)   # as saved in config.json
     m2.load_state_dict(m.state_dict())
     m2.eval()
     assert m2.config == m.config
     b = make_batch()
     with torch.no_grad():
-        assert torch.equal(m.encode_image(b["images"], b["img_lengths"]),
-                           m2.encode_image(b["images"], b["img_lengths"]))
-        assert torch.equal(m.encode_text(b["tokens"], b["lengths"]),
-                           m2.encode_text(b["tokens"], b["lengths"]))
+        assert torch.equal(m.encode_image(b["images"], b["img_lengths"]).data,
+                           m2.encode_image(b["images"], b["img_lengths"]).data)
+        assert torch.equal(m.encode_text(b["tokens"], b["lengths"]).data,
+                           m2.encode_text(b["tokens"], b["lengths"]).data)
 
 
 # --- layers and GPO -----------------------------------------------------------------
@@ -183,15 +194,15 @@ def test_shapes_unit_norm_and_similarity(name):
     m = make(name).eval()
     b = make_batch()
     with torch.no_grad():
-        img = m.encode_image(b["images"], b["img_lengths"])
-        txt = m.encode_text(b["tokens"], b["lengths"])
+        img = m.encode_image(b["images"], b["img_lengths"]).data
+        txt = m.encode_text(b["tokens"], b["lengths"]).data
     assert img.shape == (6, EMBED) and txt.shape == (6, EMBED)
     assert torch.allclose(img.norm(dim=1), torch.ones(6), atol=1e-5)
     assert torch.allclose(txt.norm(dim=1), torch.ones(6), atol=1e-5)
-    sims = m.similarity(img, txt)
+    sims = m.similarity(Encoded(img), Encoded(txt))
     assert sims.shape == (6, 6)
     assert torch.allclose(sims[2, 4], img[2] @ txt[4])
-    assert torch.allclose(m.pair_scores(img, txt), sims.diagonal(), atol=1e-6)
+    assert torch.allclose(m.pair_scores(Encoded(img), Encoded(txt)), sims.diagonal(), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -199,8 +210,8 @@ def test_no_norm_options(name):
     m = make(name, no_imgnorm=True, no_txtnorm=True).eval()
     b = make_batch()
     with torch.no_grad():
-        img = m.encode_image(b["images"], b["img_lengths"])
-        txt = m.encode_text(b["tokens"], b["lengths"])
+        img = m.encode_image(b["images"], b["img_lengths"]).data
+        txt = m.encode_text(b["tokens"], b["lengths"]).data
     assert not torch.allclose(img.norm(dim=1), torch.ones(6))
     assert not torch.allclose(txt.norm(dim=1), torch.ones(6))
 
@@ -210,18 +221,18 @@ def test_padding_invariance(name):
     m = make(name).eval()
     b = make_batch()
     with torch.no_grad():
-        img = m.encode_image(b["images"], b["img_lengths"])
-        txt = m.encode_text(b["tokens"], b["lengths"])
+        img = m.encode_image(b["images"], b["img_lengths"]).data
+        txt = m.encode_text(b["tokens"], b["lengths"]).data
         # one item alone, cut to its length
         k = 3
         n_r, n_t = int(b["img_lengths"][k]), int(b["lengths"][k])
-        img_alone = m.encode_image(b["images"][k:k + 1, :n_r], b["img_lengths"][k:k + 1])
-        txt_alone = m.encode_text(b["tokens"][k:k + 1, :n_t], b["lengths"][k:k + 1])
+        img_alone = m.encode_image(b["images"][k:k + 1, :n_r], b["img_lengths"][k:k + 1]).data
+        txt_alone = m.encode_text(b["tokens"][k:k + 1, :n_t], b["lengths"][k:k + 1]).data
         # the whole batch with extra zero regions / pad tokens
         img_pad = m.encode_image(torch.cat([b["images"], torch.zeros(6, 5, IMG_DIM)], 1),
-                                 b["img_lengths"])
+                                 b["img_lengths"]).data
         txt_pad = m.encode_text(torch.cat([b["tokens"], torch.zeros(6, 4, dtype=torch.long)], 1),
-                                b["lengths"])
+                                b["lengths"]).data
     assert torch.allclose(img_alone[0], img[k], atol=1e-5)
     assert torch.allclose(txt_alone[0], txt[k], atol=1e-5)
     assert torch.allclose(img_pad, img, atol=1e-6)
@@ -233,9 +244,9 @@ def test_vse_inf_padding_invariance_in_training_mode():
     m = make("vse_inf").train()
     b = make_batch()
     with torch.no_grad():
-        img = m.encode_image(b["images"], b["img_lengths"])
+        img = m.encode_image(b["images"], b["img_lengths"]).data
         img_pad = m.encode_image(torch.cat([b["images"], torch.randn(6, 5, IMG_DIM)], 1),
-                                 b["img_lengths"])
+                                 b["img_lengths"]).data
     assert torch.allclose(img_pad, img, atol=1e-5)
 
 
@@ -246,8 +257,8 @@ def test_vse_inf_region_order_invariance():
     for i, n in enumerate(b["img_lengths"].tolist()):
         images[i, :n] = images[i, torch.randperm(n)]
     with torch.no_grad():
-        a = m.encode_image(b["images"], b["img_lengths"])
-        p = m.encode_image(images, b["img_lengths"])
+        a = m.encode_image(b["images"], b["img_lengths"]).data
+        p = m.encode_image(images, b["img_lengths"]).data
     assert torch.allclose(a, p, atol=1e-5)
 
 
@@ -256,8 +267,8 @@ def test_unsorted_caption_lengths():
     b = make_batch()
     perm = torch.tensor([3, 0, 5, 1, 4, 2])
     with torch.no_grad():
-        txt = m.encode_text(b["tokens"], b["lengths"])
-        txt_p = m.encode_text(b["tokens"][perm], b["lengths"][perm])
+        txt = m.encode_text(b["tokens"], b["lengths"]).data
+        txt_p = m.encode_text(b["tokens"][perm], b["lengths"][perm]).data
     assert torch.allclose(txt_p, txt[perm], atol=1e-5)
 
 
@@ -266,7 +277,7 @@ def test_unsorted_caption_lengths():
 @pytest.mark.parametrize("max_violation", [True, False])
 def test_training_loss_and_gradients(name, max_violation):
     m = make(name).train()
-    loss, logs = m.training_loss(make_batch(), max_violation=max_violation)
+    loss, logs = training_loss(m, make_batch(), max_violation=max_violation)
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.item() > 0
     assert logs["triplet"] == pytest.approx(loss.item())
     loss.backward()
@@ -282,7 +293,7 @@ def test_optimizer_steps_reduce_loss(name):
     opt = torch.optim.Adam(m.param_groups(3e-3, 0.0))
     losses = []
     for _ in range(8):
-        loss, _ = m.training_loss(b, max_violation=False)
+        loss, _ = training_loss(m, b, max_violation=False)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -297,7 +308,7 @@ def test_training_step_cuda(name):
     m = make(name).cuda().train()
     b = {k: v.cuda() for k, v in make_batch().items()}
     opt = torch.optim.AdamW(m.param_groups(1e-3, 1e-4))
-    loss, _ = m.training_loss(b)
+    loss, _ = training_loss(m, b)
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(m.parameters(), 2.0)
@@ -305,14 +316,14 @@ def test_training_step_cuda(name):
     assert torch.isfinite(loss)
     m.eval()
     with torch.no_grad():
-        img = m.encode_image(b["images"], b["img_lengths"])
-        txt = m.encode_text(b["tokens"], b["lengths"])
+        img = m.encode_image(b["images"], b["img_lengths"]).data
+        txt = m.encode_text(b["tokens"], b["lengths"]).data
     assert img.device.type == "cuda" and txt.device.type == "cuda"
-    cpu = model_from_config(m.config)
+    cpu = model_from_config(m.config, m.tokenizer)
     cpu.load_state_dict({k: v.cpu() for k, v in m.state_dict().items()})
     cpu.eval()
     with torch.no_grad():
-        img_cpu = cpu.encode_image(b["images"].cpu(), b["img_lengths"].cpu())
+        img_cpu = cpu.encode_image(b["images"].cpu(), b["img_lengths"].cpu()).data
     assert torch.allclose(img.cpu(), img_cpu, atol=1e-4)
 
 

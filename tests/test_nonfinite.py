@@ -169,17 +169,17 @@ def test_huge_weights_give_zero_image_embeddings(ckpt, tiny_data, tmp_path):
     """The premise of the embed test: 1e30 weights are finite but the norm overflows."""
     from pipeline.checkpoint import load_checkpoint
     from pipeline.data.precomp import open_split
-    from pipeline.embeddings import encode_image_range, encode_split
+    from pipeline.scoring import encode_gallery, encode_image_range
 
     bad, _ = altered_checkpoint(ckpt, tmp_path / "huge", 1e30)
-    model, vocab, _ = load_checkpoint(bad)          # finite: loads
+    model, _ = load_checkpoint(bad)          # finite: loads
     split = open_split(tiny_data, "train")
     img = encode_image_range(model, split, 0, split.n_images, normalize=False)
     assert np.isfinite(img).all() and not img.any()
-    # encode_split (evaluate, the trainer's dev evaluation, finetune refresh) refuses them
+    # the scoring module (evaluate, the trainer's dev evaluation, finetune refresh) refuses them
     with pytest.raises(InputError, match=r"^the model gives 100 zero-norm image embeddings "
                                          r"\(first: image 0\)$"):
-        encode_split(model, split, vocab)
+        encode_gallery(model, split)
 
 
 def test_embed_huge_checkpoint_exits_2_and_writes_nothing(ckpt, tiny_data, tmp_path, capsys):

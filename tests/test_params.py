@@ -15,3 +15,22 @@ def test_dotted_and_optional_sections(tmp_path):
     for missing in ("finetune", "pretrain.vse_inf", "pretrain.models"):   # a list is no section
         with pytest.raises(InputError, match="no '"):
             load_section(p, missing)
+
+
+@pytest.mark.parametrize("command,section,body,bad", [
+    ("train", "train_base", "train_base:\n  modle: vsrn\n", "modle"),
+    ("evaluate", "evaluate_base", "evaluate_base:\n  protocl: full\n", "protocl"),
+    ("finetune", "finetune", "finetune:\n  models:\n    vse_inf: {init: x, trian: {}}\n", "trian"),
+    ("finetune", "finetune", "finetune:\n  offcandisise: 10\n", "offcandisise"),
+])
+def test_unknown_params_key_is_one_line(tmp_path, capsys, command, section, body, bad):
+    """The one shared unknown-key check: a typo in any section is one line, exit 2."""
+    from cli.main import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(body)
+    out = ["--json", str(tmp_path / "o")] if command == "evaluate" else ["--out", str(tmp_path / "o")]
+    rc = main([command, "--params", str(params), "--section", section, *out])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and bad in err and str(params) in err, err
+    assert not (tmp_path / "o").exists()

@@ -30,7 +30,10 @@ def test_dvc_repro_smoke(tmp_path):
     work.mkdir()
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
     shutil.copy(ROOT / "params.smoke.yaml", work / "params.yaml")
-    shutil.copytree(ROOT / "configs", work / "configs")
+    # the stages' deps name the code they run (dvc.yaml)
+    for code in ("configs", "pipeline", "stages"):
+        shutil.copytree(ROOT / code, work / code,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     _dvc(["init", "-q"], work)
     out = _dvc(["repro"], work)

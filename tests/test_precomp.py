@@ -8,7 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.data.precomp import PrecompSplit, find_vocab, open_split
+from pipeline.data.precomp import PrecompSplit, open_split
+from pipeline.data.vocab import find_vocab
 from pipeline.errors import InputError
 
 N_IMG, R, F = 6, 36, 8

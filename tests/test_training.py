@@ -105,9 +105,9 @@ def test_checkpoint_round_trip_and_selection(tiny_data, tmp_path):
     assert log[0].split("\t")[0] == "epoch" and len(log) == 3
     rsums = [float(r.split("\t")[10]) for r in log[1:]]
     assert res["best_dev_rsum"] == pytest.approx(max(rsums), abs=1e-3)
-    model, vocab, cfg = load_checkpoint(out / "checkpoint")
+    model, cfg = load_checkpoint(out / "checkpoint")
     assert cfg["model"]["name"] == "vsepp" and cfg["meta"]["epoch"] == res["best_epoch"]
-    assert len(vocab) == cfg["model"]["vocab_size"]
+    assert len(model.tokenizer) == cfg["model"]["vocab_size"]
     summary = json.loads((out / "train_metrics.json").read_text())
     assert summary["best_epoch"] == res["best_epoch"]
 

@@ -10,7 +10,9 @@ from torch import nn
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.errors import InputError
-from pipeline.models import create_model, model_config, model_from_config
+from pipeline.data.vocab import Vocab
+from pipeline.losses.triplet import triplet_objective
+from pipeline.models import Encoded, create_model, model_config, model_from_config
 from pipeline.models.ghost_bn import SegmentBatchNorm1d, bn_segments
 from pipeline.models.layers import length_mask
 from pipeline.models.vsrn import VSRN, RsGCN, caption_cross_entropy
@@ -25,13 +27,19 @@ def make(seed: int = 0, **kw) -> VSRN:
     """A tiny VSRN whose BatchNorm weights are random: with the reference's zero init
     every Rs_GCN block is the identity and the tests would not exercise it."""
     torch.manual_seed(seed)
-    m = create_model("vsrn", img_dim=IMG_DIM, vocab_size=VOCAB, **{**SIZES, **kw})
+    m = create_model("vsrn", img_dim=IMG_DIM, tokenizer=Vocab(f"w{i}" for i in range(VOCAB - 4)),
+                     **{**SIZES, **kw})
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, SegmentBatchNorm1d):
                 mod.weight.normal_()
                 mod.bias.normal_()
     return m
+
+
+def training_loss(m, batch, max_violation=True):
+    return triplet_objective(m, batch, margin=0.2, max_violation=max_violation,
+                             mask_same_image=False)
 
 
 def make_batch(b: int = 6, r: int = 7, l: int = 9, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -100,20 +108,20 @@ def test_shapes_and_unit_norm(kw):
     m = make(**kw).eval()
     b = make_batch()
     with torch.no_grad():
-        img = m.encode_image(b["images"], b["img_lengths"])
-        txt = m.encode_text(b["tokens"], b["lengths"])
+        img = m.encode_image(b["images"], b["img_lengths"]).data
+        txt = m.encode_text(b["tokens"], b["lengths"]).data
     assert img.shape == (6, EMBED) and txt.shape == (6, EMBED)
     assert torch.allclose(img.norm(dim=1), torch.ones(6), atol=1e-5)
     assert torch.allclose(txt.norm(dim=1), torch.ones(6), atol=1e-5)
-    assert m.similarity(img, txt).shape == (6, 6)
+    assert m.similarity(Encoded(img), Encoded(txt)).shape == (6, 6)
 
 
 def test_no_norm_options():
     m = make(no_imgnorm=True, no_txtnorm=True).eval()
     b = make_batch()
     with torch.no_grad():
-        img = m.encode_image(b["images"], b["img_lengths"])
-        txt = m.encode_text(b["tokens"], b["lengths"])
+        img = m.encode_image(b["images"], b["img_lengths"]).data
+        txt = m.encode_text(b["tokens"], b["lengths"]).data
     assert not torch.allclose(img.norm(dim=1), torch.ones(6))
     assert not torch.allclose(txt.norm(dim=1), torch.ones(6))
 
@@ -162,18 +170,18 @@ def test_rs_gcn_without_mask_equals_an_all_valid_mask():
 def test_checkpoint_round_trip(tmp_path):
     m = make(final_bn=True, region_norm="features")
     m.train()
-    m.training_loss(make_batch())         # move the running statistics off their init
+    training_loss(m, make_batch())         # move the running statistics off their init
     m.eval()
-    save_checkpoint(tmp_path / "ckpt", m, None)
-    m2, _, cfg = load_checkpoint(tmp_path / "ckpt")
+    save_checkpoint(tmp_path / "ckpt", m)
+    m2, cfg = load_checkpoint(tmp_path / "ckpt")
     assert isinstance(m2, VSRN) and m2.config == m.config
-    assert model_from_config(json.loads(json.dumps(m.config))).config == m.config
+    assert model_from_config(json.loads(json.dumps(m.config)), m.tokenizer).config == m.config
     b = make_batch()
     with torch.no_grad():
-        assert torch.equal(m.encode_image(b["images"], b["img_lengths"]),
-                           m2.encode_image(b["images"], b["img_lengths"]))
-        assert torch.equal(m.encode_text(b["tokens"], b["lengths"]),
-                           m2.encode_text(b["tokens"], b["lengths"]))
+        assert torch.equal(m.encode_image(b["images"], b["img_lengths"]).data,
+                           m2.encode_image(b["images"], b["img_lengths"]).data)
+        assert torch.equal(m.encode_text(b["tokens"], b["lengths"]).data,
+                           m2.encode_text(b["tokens"], b["lengths"]).data)
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -192,9 +200,10 @@ def test_padding_invariance(train, region_norm):
     with torch.no_grad():
         img, _, cap, _ = m.encode_batch(b)
         img_pad, _, cap_pad, _ = m.encode_batch(padded)
+        img, img_pad = img.data, img_pad.data
         with bn_segments([1] * 6):
-            img_seg = m.encode_image(padded["images"], padded["img_lengths"])
-        alone = torch.cat([m.encode_image(b["images"][k:k + 1, :n], b["img_lengths"][k:k + 1])
+            img_seg = m.encode_image(padded["images"], padded["img_lengths"]).data
+        alone = torch.cat([m.encode_image(b["images"][k:k + 1, :n], b["img_lengths"][k:k + 1]).data
                            for k, n in enumerate(b["img_lengths"].tolist())])
     assert torch.allclose(img_pad, img, atol=1e-5)
     assert torch.allclose(cap_pad, cap, atol=1e-5)
@@ -214,8 +223,8 @@ def test_segments_equal_separate_passes():
         sep += [ref.encode_batch(p) for p in parts[1:]]
     torch.manual_seed(123)
     img, txt, cap, logs = batched.encode_batch(cat_batches(parts), segments=[5, 5, 5])
-    torch.testing.assert_close(img, torch.cat([s[0] for s in sep]), rtol=0, atol=1e-5)
-    torch.testing.assert_close(txt, torch.cat([s[1] for s in sep]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(img.data, torch.cat([s[0].data for s in sep]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(txt.data, torch.cat([s[1].data for s in sep]), rtol=0, atol=1e-5)
     torch.testing.assert_close(cap, sep[0][2], rtol=0, atol=1e-5)
     assert logs["caption"] == pytest.approx(sep[0][3]["caption"], abs=1e-5)
     a, b = bn_buffers(ref), bn_buffers(batched)
@@ -282,7 +291,7 @@ def test_decoder_matches_stepwise_reference():
 # --- training -----------------------------------------------------------------------
 def test_training_loss_gradients_reach_the_decoder():
     m = make().train()
-    loss, logs = m.training_loss(make_batch())
+    loss, logs = training_loss(m, make_batch())
     assert set(logs) == {"triplet", "caption"}
     assert loss.item() == pytest.approx(logs["triplet"] + logs["caption"], rel=1e-5)
     loss.backward()
@@ -308,7 +317,7 @@ def test_optimizer_steps_reduce_loss():
     losses = []
     for _ in range(8):
         torch.manual_seed(0)
-        loss, _ = m.training_loss(b, max_violation=False)
+        loss, _ = training_loss(m, b, max_violation=False)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 2.0)

@@ -14,60 +14,22 @@ from torch.utils.data import Dataset
 
 from pipeline.data import CAPS_PER_IMAGE
 from pipeline.data.precomp import PrecompSplit
-from pipeline.data.vocab import END, PAD, START, UNK
+from pipeline.data.tokens import caption_tokens
 from pipeline.errors import InputError
 
-FIRST_WORD_ID = 4  # ids 0..3 are <pad> <start> <end> <unk>
-
-
-def _special_ids(vocab) -> tuple[int, int, int, int]:
-    w2i = getattr(vocab, "word2idx", None) or {}
-    return (w2i.get(PAD, 0), w2i.get(START, 1), w2i.get(END, 2), w2i.get(UNK, 3))
-
-
-class _CaptionTokens:
-    """Token ids of caption j: vocab.encode(text), or <start> + precaps ids + <end>."""
-
-    def __init__(self, split: PrecompSplit, vocab):
-        self.split = split
-        self.vocab = vocab
-        _, self.start, self.end, self.unk = _special_ids(vocab)
-        if split.captions is None:
-            if split.precaps is None:
-                raise InputError(split.captions_path, "split has no captions")
-            top = max(max(ids) for ids in split.precaps)
-            if vocab is not None and top >= len(vocab):
-                bad = next(k for k, ids in enumerate(split.precaps) if max(ids) >= len(vocab))
-                raise InputError(split.captions_path,
-                                 f"line {bad + 1} has word id {max(split.precaps[bad])}, "
-                                 f"but the vocab has {len(vocab)} words")
-        elif vocab is None:
-            raise InputError(split.captions_path, "raw captions need a vocab")
-
-    def __call__(self, j: int) -> list[int]:
-        if self.split.captions is not None:
-            return list(self.vocab.encode(self.split.captions[j]))
-        ids = list(self.split.precaps[j])
-        # BFAN's files may already carry <start>/<end>: add them only where missing
-        if not ids or ids[0] != self.start:
-            ids.insert(0, self.start)
-        if len(ids) < 2 or ids[-1] != self.end:
-            ids.append(self.end)
-        return ids
-
-
 class PairDataset(Dataset):
-    """One item per caption: its image's regions and its token ids (training)."""
+    """One item per caption: its image's regions and its token ids under `tokenizer` (the
+    model's; pipeline.data.tokens), with the tokenizer's augmentation when training."""
 
-    def __init__(self, split: PrecompSplit, vocab, *, train: bool = False, region_drop: float = 0.0,
+    def __init__(self, split: PrecompSplit, tokenizer, *, train: bool = False, region_drop: float = 0.0,
                  token_aug: float = 0.0, seed: int = 0):
         if not 0.0 <= region_drop < 1.0:
             raise InputError("region_drop", f"must be in [0, 1), got {region_drop}")
         if not 0.0 <= token_aug <= 1.0:
             raise InputError("token_aug", f"must be in [0, 1], got {token_aug}")
         self.split = split
-        self.vocab = vocab
-        self.tokens = _CaptionTokens(split, vocab)
+        self.tokenizer = tokenizer
+        self.tokens = caption_tokens(split, tokenizer)
         self.train = bool(train)
         self.region_drop = float(region_drop)
         self.token_aug = float(token_aug)
@@ -111,7 +73,7 @@ class PairDataset(Dataset):
         """Token ids of caption j, with token augmentation when training (draws from rng)."""
         tokens = self.tokens(int(j))
         if rng is not None and self.train and self.token_aug > 0:
-            tokens = augment_tokens(tokens, rng, self.token_aug, len(self.vocab), unk=self.tokens.unk)
+            tokens = self.tokenizer.augment(tokens, rng, self.token_aug)
         return torch.tensor(tokens, dtype=torch.long)
 
 
@@ -122,34 +84,6 @@ def drop_regions(image: np.ndarray, rng: np.random.Generator, p: float) -> np.nd
     if not keep.any():
         keep[int(np.argmax(draws))] = True
     return np.ascontiguousarray(image[keep])
-
-
-def augment_tokens(tokens: Sequence[int], rng: np.random.Generator, p: float, vocab_size: int,
-                   *, unk: int = 3) -> list[int]:
-    """VSE∞ caption augmentation: each word (not the first/last token, <start>/<end>) is,
-    with probability p, replaced by <unk> (50%), by a random word id in [4, vocab_size) (10%),
-    or deleted (40%)."""
-    tokens = list(tokens)
-    if len(tokens) <= 2:
-        return tokens
-    words = tokens[1:-1]
-    n = len(words)
-    hit = rng.random(n) < p
-    kind = rng.random(n)
-    rand_ids = rng.integers(FIRST_WORD_ID, max(FIRST_WORD_ID + 1, vocab_size), size=n)
-    out = [tokens[0]]
-    for w, h, k, r in zip(words, hit, kind, rand_ids):
-        if not h:
-            out.append(w)
-        elif k < 0.5:
-            out.append(unk)
-        elif k < 0.6 and vocab_size > FIRST_WORD_ID:
-            out.append(int(r))
-        elif k < 0.6:
-            out.append(unk)  # no ordinary words to draw from
-        # else: deleted
-    out.append(tokens[-1])
-    return out
 
 
 def _pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,10 +152,10 @@ def collate_images(items: list[dict]) -> dict:
 class CaptionDataset(Dataset):
     """Captions of a split (evaluation; no augmentation)."""
 
-    def __init__(self, split: PrecompSplit, vocab):
+    def __init__(self, split: PrecompSplit, tokenizer):
         self.split = split
-        self.vocab = vocab
-        self.tokens = _CaptionTokens(split, vocab)
+        self.tokenizer = tokenizer
+        self.tokens = caption_tokens(split, tokenizer)
 
     def __len__(self) -> int:
         return self.split.n_captions

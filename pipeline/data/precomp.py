@@ -321,30 +321,3 @@ def open_split(data_dir: str | Path, split: str, *, expected_dim: int | None = N
     )
     sp._h5file = h5file
     return sp
-
-
-def find_vocab(data_dir: str | Path, vocab_path: str | Path | None = None) -> Path:
-    """Explicit path; else data_dir/vocab.json; else {name}_vocab.json or a single *_vocab.json
-    in data_dir or data_dir/../vocab (SCAN keeps vocab/coco_precomp_vocab.json beside data/)."""
-    if vocab_path is not None:
-        p = Path(vocab_path)
-        if not p.is_file():
-            raise InputError(p, "vocab file not found")
-        return p
-    data_dir = Path(data_dir)
-    name = data_dir.resolve().name if data_dir.exists() else data_dir.name
-    folders = [data_dir, data_dir / ".." / "vocab"]
-    exact = [data_dir / "vocab.json"] + [d / f"{name}_vocab.json" for d in folders]
-    for p in exact:
-        if p.is_file():
-            return p
-    looked = [str(p) for p in exact]
-    for d in folders:
-        found = sorted(d.glob("*_vocab.json")) if d.is_dir() else []
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
-            raise InputError(d, "several vocab files (" + ", ".join(p.name for p in found)
-                                + "): pass the one to use explicitly")
-        looked.append(str(d / "*_vocab.json"))
-    raise InputError(data_dir, "no vocab found (looked for " + ", ".join(looked) + ")")

@@ -121,18 +121,18 @@ class FactIndex:
     """
 
     def __init__(self, graphs: Sequence[dict]):
-        vocab: dict[str, int] = {}
-        img_sets = [[vocab.setdefault(f, len(vocab)) for f in g["facts"]] for g in graphs]
-        cap_sets = [[vocab.setdefault(f, len(vocab)) for f in cf]
+        fact_id: dict[str, int] = {}
+        img_sets = [[fact_id.setdefault(f, len(fact_id)) for f in g["facts"]] for g in graphs]
+        cap_sets = [[fact_id.setdefault(f, len(fact_id)) for f in cf]
                     for g in graphs for cf in g["caption_facts"]]
-        words = max(1, (len(vocab) + 63) // 64)
+        words = max(1, (len(fact_id) + 63) // 64)
         self.n_images = len(graphs)
         self.n_captions = len(cap_sets)
         self.img_bits = np.zeros((len(img_sets), words), dtype=np.uint64)
         for r, s in enumerate(img_sets):
             for f in s:
                 self.img_bits[r, f >> 6] |= np.uint64(1) << np.uint64(f & 63)
-        freq = np.zeros(max(1, len(vocab)), dtype=np.int64)
+        freq = np.zeros(max(1, len(fact_id)), dtype=np.int64)
         for s in img_sets:
             freq[s] += 1
         width = max((len(s) for s in cap_sets), default=0)

@@ -1,4 +1,8 @@
-"""Word tokenizer and vocabulary in SCAN's JSON format.
+"""Word tokenizer and vocabulary in SCAN's JSON format: the tokenizer of the GRU models.
+
+`Vocab` implements the tokenizer interface of pipeline.data.tokens (encode, precaps,
+augmentation, save/load inside a checkpoint folder); `find_vocab` locates a SCAN vocab
+beside a data folder.
 
 nltk's punkt models cannot be downloaded here, so tokenisation is a regex that follows
 the Penn-Treebank conventions nltk's `word_tokenize` applies to captions: lower-case,
@@ -8,16 +12,22 @@ any script.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
+
+import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.io import read_json
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
+FIRST_WORD_ID = len(SPECIALS)  # ids 0..3 are <pad> <start> <end> <unk>
+FILE = "vocab.json"            # its name inside a checkpoint folder (and a prepared data folder)
 
 _TOKEN_RE = re.compile(
     r"""
@@ -117,6 +127,68 @@ class Vocab:
         obj = read_json(path, missing="vocab file not found", unreadable="unreadable vocab JSON")
         return cls.from_json(obj, path)
 
+    # --- the tokenizer interface (pipeline.data.tokens) -----------------------------
+    kind = "scan_vocab"
+    pad_id = 0
+
+    @property
+    def size(self) -> int:
+        return len(self)
+
+    def model_config(self) -> dict[str, Any]:
+        """What a model's config records of its tokenizer (it sizes the word embedding)."""
+        return {"vocab_size": len(self)}
+
+    def fingerprint(self) -> str:
+        """Identifies the id assignment (the token-id cache is keyed by it)."""
+        blob = json.dumps(sorted(self.word2idx.items(), key=lambda kv: kv[1]))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def from_precaps(self, ids: Sequence[int]) -> list[int]:
+        """Word ids of a precaps line with <start>/<end> added where missing (BFAN's files
+        may already carry them)."""
+        ids = list(ids)
+        start, end = self.word2idx[START], self.word2idx[END]
+        if not ids or ids[0] != start:
+            ids.insert(0, start)
+        if len(ids) < 2 or ids[-1] != end:
+            ids.append(end)
+        return ids
+
+    def check_precaps(self, precaps: Sequence[Sequence[int]], source) -> None:
+        bad = next((k for k, ids in enumerate(precaps) if ids and max(ids) >= len(self)), None)
+        if bad is not None:
+            raise InputError(source, f"line {bad + 1} has word id {max(precaps[bad])}, "
+                                     f"but the vocab has {len(self)} words")
+
+    def unk_share(self, split) -> tuple[int, int]:
+        """(<unk> tokens, word tokens) of a split's captions (validate-data's summary)."""
+        if split.captions is not None:
+            toks = [t for c in split.captions for t in tokenize(c)]
+            return sum(1 for t in toks if t not in self.word2idx), len(toks)
+        self.check_precaps(split.precaps, split.captions_path)
+        unk = self.word2idx[UNK]
+        return (sum(1 for ids in split.precaps for i in ids if i == unk),
+                sum(len(ids) for ids in split.precaps))
+
+    def augment(self, tokens: Sequence[int], rng: np.random.Generator, p: float) -> list[int]:
+        """VSE∞ caption augmentation (see augment_tokens)."""
+        return augment_tokens(tokens, rng, p, len(self), unk=self.word2idx[UNK])
+
+    def save_to(self, folder: str | Path) -> None:
+        self.save(Path(folder) / FILE)
+
+    @classmethod
+    def load_from(cls, folder: str | Path) -> "Vocab | None":
+        """The vocab saved in a checkpoint folder, None when it has none."""
+        path = Path(folder) / FILE
+        return cls.load(path) if path.exists() else None
+
+    @classmethod
+    def for_training(cls, options: dict[str, Any], data_dir, source=None) -> "Vocab":
+        """The vocab a new model trains with: `source` (an explicit file) or the data's."""
+        return cls.load(find_vocab(data_dir, source))
+
 
 def build_vocab(captions: Iterable[str], threshold: int = 4) -> Vocab:
     """Vocabulary of words seen at least `threshold` times, most frequent first (ties alphabetical)."""
@@ -124,3 +196,59 @@ def build_vocab(captions: Iterable[str], threshold: int = 4) -> Vocab:
     words = sorted((w for w, n in counts.items() if n >= threshold and w not in SPECIALS),
                    key=lambda w: (-counts[w], w))
     return Vocab(words)
+
+
+def augment_tokens(tokens: Sequence[int], rng: np.random.Generator, p: float, vocab_size: int,
+                   *, unk: int = 3, first_word: int = FIRST_WORD_ID) -> list[int]:
+    """VSE∞ caption augmentation: each word (not the first/last token, <start>/<end>) is,
+    with probability p, replaced by `unk` (50%), by a random word id in
+    [first_word, vocab_size) (10%), or deleted (40%)."""
+    FIRST_WORD_ID = first_word
+    tokens = list(tokens)
+    if len(tokens) <= 2:
+        return tokens
+    words = tokens[1:-1]
+    n = len(words)
+    hit = rng.random(n) < p
+    kind = rng.random(n)
+    rand_ids = rng.integers(FIRST_WORD_ID, max(FIRST_WORD_ID + 1, vocab_size), size=n)
+    out = [tokens[0]]
+    for w, h, k, r in zip(words, hit, kind, rand_ids):
+        if not h:
+            out.append(w)
+        elif k < 0.5:
+            out.append(unk)
+        elif k < 0.6 and vocab_size > FIRST_WORD_ID:
+            out.append(int(r))
+        elif k < 0.6:
+            out.append(unk)  # no ordinary words to draw from
+        # else: deleted
+    out.append(tokens[-1])
+    return out
+
+
+def find_vocab(data_dir: str | Path, vocab_path: str | Path | None = None) -> Path:
+    """Explicit path; else data_dir/vocab.json; else {name}_vocab.json or a single *_vocab.json
+    in data_dir or data_dir/../vocab (SCAN keeps vocab/coco_precomp_vocab.json beside data/)."""
+    if vocab_path is not None:
+        p = Path(vocab_path)
+        if not p.is_file():
+            raise InputError(p, "vocab file not found")
+        return p
+    data_dir = Path(data_dir)
+    name = data_dir.resolve().name if data_dir.exists() else data_dir.name
+    folders = [data_dir, data_dir / ".." / "vocab"]
+    exact = [data_dir / "vocab.json"] + [d / f"{name}_vocab.json" for d in folders]
+    for p in exact:
+        if p.is_file():
+            return p
+    looked = [str(p) for p in exact]
+    for d in folders:
+        found = sorted(d.glob("*_vocab.json")) if d.is_dir() else []
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise InputError(d, "several vocab files (" + ", ".join(p.name for p in found)
+                                + "): pass the one to use explicitly")
+        looked.append(str(d / "*_vocab.json"))
+    raise InputError(data_dir, "no vocab found (looked for " + ", ".join(looked) + ")")

@@ -20,17 +20,16 @@ the online terms.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, refuse_unknown
 from pipeline.losses.registry import get_loss, register_loss
-from pipeline.losses.triplet import hinge_costs
+from pipeline.losses.triplet import hinge_costs, same_image_mask
 
-register_loss("offtri", offline=True, help="+ the two offline negatives")
-register_loss("offquin", offline=True, help="+ the two offline pairs")
-register_loss("aoq", offline=True, help="offquin with adaptive weights")
+PASSES = ("batched", "three")
 
 
 @dataclass(frozen=True)
@@ -114,3 +113,72 @@ def aoq_loss(scores: torch.Tensor, s_it: torch.Tensor, s_ti: torch.Tensor, s_nn:
         logs[name] = float(hinge.detach().sum())
         logs[f"{name}_active"] = float((hinge.detach() > 0).float().mean())
     return loss, logs
+
+
+# --- the objective over stacked quintuplet batches (pipeline.data.offline.collate_offline) ---
+def encode_quintuplets(model, batch: dict, passes: str = "batched"):
+    """(img, txt (3B rows each), auxiliary loss or None, logs) of a stacked batch.
+
+    "batched": ONE forward pass of the 3B items; BatchNorm layers normalise each B-sized
+    segment on their own (pipeline.models.ghost_bn), so the loss, the gradients and the
+    running statistics equal the reference's three passes ("three", kept for the
+    equivalence test and the benchmark). Auxiliary losses see the anchors only."""
+    from pipeline.data.offline import split_segments
+    from pipeline.models.features import Encoded
+
+    b = batch["n_anchor"]
+    if passes == "batched":
+        return model.encode_batch(batch, segments=[b, b, b])
+    if passes != "three":
+        raise ValueError(f"passes must be one of {PASSES}, got {passes!r}")
+    anchors, *offline = split_segments(batch)
+    img, txt, aux, logs = model.encode_batch(anchors)
+    imgs, txts = [img], [txt]
+    for part in offline:
+        imgs.append(model.encode_image(part["images"], part["img_lengths"]))
+        txts.append(model.encode_text(part["tokens"], part["lengths"]))
+    return Encoded.cat(imgs), Encoded.cat(txts), aux, logs
+
+
+def quintuplet_loss(model, batch: dict, aoq: AOQSettings, passes: str = "batched"):
+    """The AOQ-family loss of one stacked batch plus the model's auxiliary loss. Every
+    model scores the batch with `similarity` and the offline pairs with `pair_scores`."""
+    b = batch["n_anchor"]
+    img, txt, aux, logs = encode_quintuplets(model, batch, passes)
+    a_img, n_img, p_img = img[:b], img[b:2 * b], img[2 * b:]
+    a_txt, n_txt, p_txt = txt[:b], txt[b:2 * b], txt[2 * b:]
+    scores = model.similarity(a_img, a_txt)
+    pos_mask = same_image_mask(batch["img_index"][:b]) if aoq.mask_same_image else None
+    loss, loss_logs = aoq_loss(
+        scores, model.pair_scores(a_img, n_txt), model.pair_scores(n_img, a_txt),
+        model.pair_scores(n_img, n_txt), model.pair_scores(p_img, p_txt), aoq,
+        positive_mask=pos_mask, accidental=batch.get("accidental"))
+    logs = {**loss_logs, **logs}
+    if aux is not None:
+        loss = loss + aux
+    return loss, logs
+
+
+def _builder(name: str):
+    def build(settings, options: dict, passes: str = "batched"):
+        refuse_unknown(options, AOQ_OPTIONS, "finetune.aoq", "AOQ setting(s)")
+        if passes not in PASSES:
+            raise InputError("--passes", f"must be one of {PASSES}, got {passes!r}")
+        aoq = AOQSettings(loss=name, margin=settings.margin, max_violation=settings.max_violation,
+                          mask_same_image=settings.mask_same_image, **options).check("--loss")
+        if name == "aoq" and settings.warmup_epochs > 0:
+            raise InputError("--loss", "the aoq loss needs max-violation from the first step; "
+                                       "set warmup_epochs=0")
+
+        def objective(model, batch, *, epoch: int):
+            return quintuplet_loss(model, batch, aoq, passes)
+
+        objective.record = {"aoq": dataclasses.asdict(aoq)}
+        return objective
+
+    return build
+
+
+register_loss("offtri", offline=True, help="+ the two offline negatives", build=_builder("offtri"))
+register_loss("offquin", offline=True, help="+ the two offline pairs", build=_builder("offquin"))
+register_loss("aoq", offline=True, help="offquin with adaptive weights", build=_builder("aoq"))

@@ -1,11 +1,10 @@
-"""VSE++ hinge (triplet) loss over a batch similarity matrix."""
+"""VSE++ hinge (triplet) loss over a batch similarity matrix, and its training objective."""
 from __future__ import annotations
 
 import torch
 
+from pipeline.errors import refuse_unknown
 from pipeline.losses.registry import register_loss
-
-register_loss("triplet", offline=False, help="online hardest negatives only")
 
 
 def hinge_costs(scores: torch.Tensor, margin: float, positive_mask: torch.Tensor | None = None
@@ -48,3 +47,33 @@ def hinge_triplet_loss(
 def same_image_mask(img_index: torch.Tensor) -> torch.Tensor:
     """(B, B) True where two batch slots share an image (the diagonal included)."""
     return img_index.view(-1, 1) == img_index.view(1, -1)
+
+
+def triplet_objective(model, batch, *, margin: float, max_violation: bool,
+                      mask_same_image: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """The hinge triplet loss of one batch (summed) plus the model's auxiliary losses."""
+    img, txt, aux, logs = model.encode_batch(batch)
+    scores = model.similarity(img, txt)
+    pos_mask = same_image_mask(batch["img_index"]) if mask_same_image else None
+    loss = hinge_triplet_loss(scores, margin=margin, max_violation=max_violation,
+                              positive_mask=pos_mask)
+    logs = {"triplet": float(loss.detach()), **logs}
+    if aux is not None:
+        loss = loss + aux
+    return loss, logs
+
+
+def build_triplet(settings, options: dict, passes: str = "batched"):
+    """VSE++ hinge; sums over negatives during the warm-up epochs."""
+    refuse_unknown(options, (), "--loss triplet", "setting(s)")
+
+    def objective(model, batch, *, epoch: int):
+        return triplet_objective(
+            model, batch, margin=settings.margin,
+            max_violation=settings.max_violation and epoch >= settings.warmup_epochs,
+            mask_same_image=settings.mask_same_image)
+
+    return objective
+
+
+register_loss("triplet", offline=False, help="online hardest negatives only", build=build_triplet)

@@ -350,24 +350,21 @@ def _embed_task(checkpoint, data_dir, split, kind, ranges, batch_size, device):
     state = _WORKER.get(key)
     if state is None:
         from pipeline.checkpoint import load_checkpoint
-        from pipeline.data.precomp import find_vocab, open_split
-        from pipeline.data.vocab import Vocab
+        from pipeline.data.precomp import open_split
 
         for k in [k for k in _WORKER if isinstance(k, tuple) and k[0] == "embed"]:
             _WORKER.pop(k)[1].close()  # one model / split per worker at a time
-        model, vocab, cfg = load_checkpoint(checkpoint, device)
+        model, cfg = load_checkpoint(checkpoint, device, data_dir=data_dir)
         data = open_split(data_dir, split, expected_dim=cfg["model"].get("img_dim"))
-        if vocab is None:
-            vocab = Vocab.load(find_vocab(data_dir))
-        state = _WORKER[key] = (model, data, vocab)
-    model, data, vocab = state
+        state = _WORKER[key] = (model, data)
+    model, data = state
     out = []
     for s, e in ranges:
         if kind == "img":
             out.append(embed.encode_image_range(model, data, s, e, batch_size=batch_size,
                                                 device=device))
         else:
-            out.append(embed.encode_caption_range(model, data, vocab, s, e,
+            out.append(embed.encode_caption_range(model, data, s, e,
                                                   batch_size=2 * batch_size, device=device))
     return kind, ranges[0][0], np.concatenate(out, axis=0)
 
@@ -388,8 +385,9 @@ def embed_distributed(checkpoint, data_dir, split: str, out_dir, client, *,
     from distributed import as_completed
 
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.data.precomp import find_vocab, open_split
+    from pipeline.data.precomp import open_split
     from pipeline.mining import embed
+    from pipeline.scoring import require_indexable
 
     if block_rows is None:
         block_rows = embed.DEFAULT_BLOCK_ROWS
@@ -400,17 +398,13 @@ def embed_distributed(checkpoint, data_dir, split: str, out_dir, client, *,
     t0 = time.perf_counter()
     resolve_device(device)
     # Validate here (fast, clear errors) before any worker starts on it.
-    model, vocab, cfg = load_checkpoint(checkpoint, "cpu")
-    if getattr(model, "kind", "indep") != "indep":
-        raise InputError(checkpoint, f"model {getattr(model, 'name', '?')!r} is a cross-attention "
-                                     "model: mining needs independent embeddings")
+    model, cfg = load_checkpoint(checkpoint, "cpu", data_dir=data_dir)
+    require_indexable(model, checkpoint)
     model_name = cfg["model"].get("name", getattr(model, "name", ""))
     del model
     data = open_split(data_dir, split, expected_dim=cfg["model"].get("img_dim"))
     n_img, n_cap = data.n_images, data.n_captions
     data.close()
-    if vocab is None:
-        find_vocab(data_dir)
     checkpoint_s, data_dir_s = str(Path(checkpoint).resolve()), str(Path(data_dir).resolve())
 
     per_shard = max(1, -(-int(shard_size) // int(block_rows)))     # whole blocks per task

@@ -2,10 +2,10 @@
 
 Two layers:
 
-* :func:`encode_image_range` / :func:`encode_caption_range` -- pure functions (no file IO):
-  encode a contiguous range of unique images / captions with a loaded model and return
-  the rows in order. They are the unit of work of any scale-out (a dask module maps them
-  over shards, each worker holding its own model).
+* :func:`encode_image_range` / :func:`encode_caption_range` (pipeline.scoring's) -- pure
+  functions (no file IO): encode a contiguous range of unique images / captions with a
+  loaded indep model and return the unit rows in order. They are the unit of work of any
+  scale-out (a dask module maps them over shards, each worker holding its own model).
 * :func:`embed_split` -- the single-process driver: loads a checkpoint, opens a split and
   fills ``img_embs.npy`` (N_img, D) and ``cap_embs.npy`` (5 N_img, D) block by block through
   ``np.lib.format.open_memmap`` temp files in the output folder, then renames them into
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.embeddings import check_embedding_rows, encode_caption_range, encode_image_range  # noqa: F401 (re-exported for scale-out)
+from pipeline.embeddings import check_embedding_rows
+from pipeline.scoring import encode_caption_range, encode_image_range, require_indexable
 from pipeline.errors import InputError
 from pipeline.io import open_memmap_out, temp_beside
 
@@ -46,20 +47,15 @@ def embed_split(checkpoint, data_dir, split: str, out_dir, *, batch_size: int = 
     from tqdm.auto import tqdm
 
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.data.precomp import find_vocab, open_split
-    from pipeline.data.vocab import Vocab
+    from pipeline.data.precomp import open_split
 
     for name, v in (("batch_size", batch_size), ("block_rows", block_rows)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise InputError(None, f"{name} must be a positive integer, got {v!r}")
     t0 = time.perf_counter()
-    model, vocab, cfg = load_checkpoint(checkpoint, device)   # resolves the device first
-    if getattr(model, "kind", "indep") != "indep":
-        raise InputError(checkpoint, f"model {getattr(model, 'name', '?')!r} is a cross-attention "
-                                     "model: mining needs independent embeddings")
+    model, cfg = load_checkpoint(checkpoint, device, data_dir=data_dir)   # resolves the device first
+    require_indexable(model, checkpoint)
     data = open_split(data_dir, split, expected_dim=cfg["model"].get("img_dim"))
-    if vocab is None:
-        vocab = Vocab.load(find_vocab(data_dir))
     n_img, n_cap = data.n_images, data.n_captions
 
     out_dir = Path(out_dir)
@@ -89,7 +85,7 @@ def embed_split(checkpoint, data_dir, split: str, out_dir, *, batch_size: int = 
             img_mm[s:e] = rows
             bar.update(e - s)
         for s, e in cap_plan:
-            rows = encode_caption_range(model, data, vocab, s, e, batch_size=2 * batch_size,
+            rows = encode_caption_range(model, data, s, e, batch_size=2 * batch_size,
                                         device=device)
             check_embedding_rows(rows, checkpoint, "caption", lead="the model gives", start=s,
                                  total=n_cap)

@@ -19,6 +19,7 @@ from torch import nn
 
 from pipeline.errors import InputError
 from pipeline.models.base import ITMModel
+from pipeline.models.features import Encoded
 from pipeline.models.gpo import GPO
 from pipeline.models.layers import MLP, apply_to_valid, l2norm, length_mask, xavier_linear_
 from pipeline.models.registry import register_model
@@ -68,12 +69,12 @@ class VSEInfinity(ITMModel):
             feats = feats + apply_to_valid(self.img_mlp, images, length_mask(lengths, max_len))
         return feats, lengths
 
-    def encode_image(self, images: torch.Tensor, img_lengths: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, images: torch.Tensor, img_lengths: torch.Tensor) -> Encoded:
         feats, lengths = self.region_features(images, img_lengths)
         pooled, _ = self.img_gpo(feats, lengths)
-        return pooled if self.no_imgnorm else l2norm(pooled)
+        return Encoded(pooled if self.no_imgnorm else l2norm(pooled))
 
-    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> Encoded:
         states, _ = self.txt_rnn(tokens, lengths)
         pooled, _ = self.txt_gpo(states, lengths.to(states.device))
-        return pooled if self.no_txtnorm else l2norm(pooled)
+        return Encoded(pooled if self.no_txtnorm else l2norm(pooled))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.models.base import ITMModel
+from pipeline.models.features import Encoded
 from pipeline.models.layers import l2norm, length_mask, xavier_linear_
 from pipeline.models.registry import register_model
 from pipeline.models.text import GRUTextEncoder
@@ -32,14 +33,14 @@ class VSEPP(ITMModel):
         self.txt_rnn = GRUTextEncoder(c["vocab_size"], c["word_dim"], embed,
                                       num_layers=c["num_layers"], bidirectional=False)
 
-    def encode_image(self, images: torch.Tensor, img_lengths: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, images: torch.Tensor, img_lengths: torch.Tensor) -> Encoded:
         lengths = img_lengths.to(device=images.device, dtype=torch.long)
         max_len = int(lengths.max())
         mask = length_mask(lengths, max_len).unsqueeze(-1).to(images.dtype)
         mean = (images[:, :max_len] * mask).sum(dim=1) / lengths.unsqueeze(1).to(images.dtype)
         emb = self.img_fc(mean)
-        return emb if self.no_imgnorm else l2norm(emb)
+        return Encoded(emb if self.no_imgnorm else l2norm(emb))
 
-    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> Encoded:
         _, last = self.txt_rnn(tokens, lengths)
-        return last if self.no_txtnorm else l2norm(last)
+        return Encoded(last if self.no_txtnorm else l2norm(last))

@@ -47,6 +47,7 @@ from torch import nn
 
 from pipeline.errors import InputError
 from pipeline.models.base import ITMModel
+from pipeline.models.features import Encoded
 from pipeline.models.ghost_bn import SegmentBatchNorm1d, bn_segments
 from pipeline.models.layers import apply_to_valid, l2norm, length_mask, xavier_linear_
 from pipeline.models.registry import register_model
@@ -205,21 +206,21 @@ class VSRN(ITMModel):
             x = block(x, mask if padded else None)
         return l2norm(x, dim=self.norm_dim), mask, lengths
 
-    def embed_regions(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def embed_regions(self, feats: torch.Tensor, lengths: torch.Tensor) -> Encoded:
         states, _ = self.img_rnn(feats)
         emb = last_valid(states, lengths)
         if self.img_bn is not None:
             emb = self.img_bn(emb)
-        return emb if self.no_imgnorm else l2norm(emb)
+        return Encoded(emb if self.no_imgnorm else l2norm(emb))
 
-    def encode_image(self, images: torch.Tensor, img_lengths: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, images: torch.Tensor, img_lengths: torch.Tensor) -> Encoded:
         feats, _, lengths = self.reason_regions(images, img_lengths)
         return self.embed_regions(feats, lengths)
 
     # --- text side ----------------------------------------------------------------
-    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> Encoded:
         _, last = self.txt_rnn(tokens, lengths)
-        return last if self.no_txtnorm else l2norm(last)
+        return Encoded(last if self.no_txtnorm else l2norm(last))
 
     # --- training -----------------------------------------------------------------
     def caption_loss(self, feats: torch.Tensor, mask: torch.Tensor, img_lengths: torch.Tensor,
@@ -234,14 +235,14 @@ class VSRN(ITMModel):
 
     def encode_batch(self, batch: dict[str, torch.Tensor], *,
                      segments: list[int] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, float]]:
+                     ) -> tuple[Encoded, Encoded, torch.Tensor | None, dict[str, float]]:
         with bn_segments(segments):
             feats, mask, img_lengths = self.reason_regions(batch["images"], batch["img_lengths"])
             img = self.embed_regions(feats, img_lengths)
             txt = self.encode_text(batch["tokens"], batch["lengths"])
         if self.caption_loss_weight == 0:
             return img, txt, None, {}
-        n = segments[0] if segments is not None else img.size(0)   # the anchors
+        n = segments[0] if segments is not None else len(img)   # the anchors
         loss = self.caption_loss(feats[:n], mask[:n], img_lengths[:n], batch["tokens"][:n],
                                  batch["lengths"][:n])
         return img, txt, self.caption_loss_weight * loss, {"caption": float(loss.detach())}
