@@ -82,10 +82,24 @@ def test_dvc_repro_smoke(tmp_path):
     base = {"vse_inf": "artifacts/base/checkpoint", "vsrn": "artifacts/pretrain/vsrn/checkpoint"}
     for r in runs:
         model = r.split("-")[0]
-        assert deps[r] == {"artifacts/data", base[model], f"configs/models/{model}.yaml"} | (
+        data_deps = {d for d in deps[r] if d.startswith(("artifacts/", "configs/"))}
+        assert data_deps == {"artifacts/data", base[model], f"configs/models/{model}.yaml"} | (
             {"artifacts/candidates"} if group[r] == "offline" else set()), (r, deps[r])
+        # and the code it runs: the AOQ family's loss only where it is used
+        assert {"pipeline/models", "pipeline/scoring.py", "pipeline/training.py"} <= deps[r]
+        assert ("pipeline/losses" in deps[r]) == (group[r] == "offline"), (r, deps[r])
     again = _dvc(["repro"], work)
     assert "Running stage" not in again, again
+    # a change to the AOQ loss affects exactly the offline fine-tunes (and, through their
+    # outputs, what reads them); the base, mining and triplet runs stay up to date
+    aoq = work / "pipeline/losses/aoq.py"
+    code = aoq.read_text()
+    aoq.write_text(code + "\n# changed\n")
+    status = _dvc(["status"], work)
+    changed = {line.strip().rstrip(":") for line in status.splitlines()
+               if line and not line[0].isspace() and line.rstrip().endswith(":")}
+    assert changed == {f"finetune_offline@{r}" for r in runs if group[r] == "offline"}, status
+    aoq.write_text(code)
     # identical inputs, identical bytes: forced re-runs of mining and of a fine-tune (whose
     # outputs the evaluate and report stages read) leave nothing to do
     _dvc(["repro", "-f", "-s", "mine", "finetune_offline@vse_inf-aoq"], work)
