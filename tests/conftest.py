@@ -2,6 +2,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# the toy models (tests/toy_models, one file + one YAML each) are registered for the session
+os.environ.setdefault("ITM_PIPELINE_MODELS",
+                      os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_models"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -358,3 +358,43 @@ def test_text_encoder_equals_packed_nn_gru(bidirectional, num_layers):
         h_last = h[-1]
     torch.testing.assert_close(out, o, rtol=0, atol=1e-6)
     torch.testing.assert_close(last, h_last, rtol=0, atol=1e-6)
+
+
+def _model_file(folder, stem: str, name: str, body: str = "") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.py").write_text(
+        "from pipeline.models.vsepp import VSEPP\n"
+        "from pipeline.models.registry import register_model\n"
+        f"{body}\n"
+        f"@register_model({name!r})\nclass M(VSEPP):\n    pass\n")
+    (folder / f"{name}.yaml").write_text("model: {embed_size: 8, word_dim: 4, num_layers: 1, "
+                                         "no_imgnorm: false, no_txtnorm: false}\n")
+
+
+def test_discovery_of_model_folders(tmp_path, monkeypatch):
+    """Models outside the package: found in every ITM_PIPELINE_MODELS folder (the same file
+    name in two folders included), their YAML beside them; a module that fails to import
+    is one InputError naming it, and is retried (not left half-imported)."""
+    from pipeline.models import registry
+
+    _model_file(tmp_path / "a", "extra", "extra_a")
+    _model_file(tmp_path / "b", "extra", "extra_b")
+    monkeypatch.setenv(registry.ENV_PATH, f"{tmp_path / 'a'}:{tmp_path / 'b'}")
+    registry.discover.cache_clear()
+    assert {"extra_a", "extra_b"} <= set(list_models())
+    m = create_model("extra_b", img_dim=4, tokenizer=vocab_of_size(10))
+    assert m.config["embed_size"] == 8
+    _model_file(tmp_path / "c", "broken", "extra_c", body="raise RuntimeError('oops')")
+    monkeypatch.setenv(registry.ENV_PATH, str(tmp_path / "c"))
+    registry.discover.cache_clear()
+    for _ in range(2):
+        with pytest.raises(InputError, match=r"broken.py: model module failed to import "
+                                             r"\(RuntimeError: oops\)"):
+            registry.discover()
+    monkeypatch.setenv(registry.ENV_PATH, str(tmp_path / "missing"))
+    registry.discover.cache_clear()
+    with pytest.raises(InputError, match="names a folder that does not exist"):
+        registry.discover()
+    monkeypatch.undo()
+    registry.discover.cache_clear()
+    registry.discover()

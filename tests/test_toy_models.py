@@ -109,6 +109,28 @@ def test_toy_cross_trains_finetunes_and_evaluates_like_brute_force(
                                scores[np.arange(125) // 5, np.arange(125)], rtol=1e-6, atol=1e-6)
 
 
+def test_toy_cross_similarity_chunks_equal_one_pass(monkeypatch):
+    """similarity walks the images in memory-bounded chunks: any chunk size, same scores."""
+    import sys
+
+    from pipeline.data.vocab import Vocab
+
+    torch.manual_seed(0)
+    model = create_model("toy_cross", img_dim=16, tokenizer=Vocab(f"w{i}" for i in range(20)),
+                         **model_config("toy_cross")["tiny"]).eval()
+    g = torch.Generator().manual_seed(0)
+    img_lengths = torch.tensor([5, 2, 4, 1, 5, 3, 5])
+    lengths = torch.tensor([6, 6, 5, 4, 3, 3, 2, 2, 2])
+    with torch.no_grad():
+        img = model.encode_image(torch.randn(7, 5, 16, generator=g), img_lengths)
+        txt = model.encode_text(torch.randint(4, 24, (9, 6), generator=g), lengths)
+        full = model.similarity(img, txt)
+        module = sys.modules[model_class("toy_cross").__module__]
+        for budget in (1, 9 * 6 * 16, 3 * 9 * 6 * 16):   # 1, 1 and 3 images per chunk
+            monkeypatch.setattr(module, "_BUDGET", budget)
+            assert torch.equal(model.similarity(img, txt), full)
+
+
 def test_embedding_and_mining_refuse_the_cross_model(cross_ckpt, mined, tiny_data, tmp_path):
     from pipeline.scoring import encode_gallery, mine_split
     from stages import finetune, mine

@@ -25,6 +25,9 @@ class Encoded:
         return int(self.data.size(0))
 
     def __getitem__(self, rows) -> "Encoded":
+        """Rows (a slice, index tensor or list: the batch axis is kept)."""
+        if isinstance(rows, int):
+            raise TypeError("index an Encoded with a slice or an index tensor (it keeps the batch axis)")
         if self.lengths is None:
             return Encoded(self.data[rows])
         lengths = self.lengths[rows]

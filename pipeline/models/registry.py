@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import importlib
 import importlib.resources
 import importlib.util
@@ -50,7 +51,8 @@ def register_model(name: str) -> Callable[[type], type]:
 
 @functools.lru_cache(maxsize=None)
 def discover() -> None:
-    """Import every model module once (each registers its classes)."""
+    """Import every model module once (each registers its classes). Cached: after changing
+    ITM_PIPELINE_MODELS in a running process, call discover.cache_clear() first."""
     import pipeline.models as package
 
     for info in pkgutil.iter_modules(package.__path__):
@@ -60,13 +62,28 @@ def discover() -> None:
         if not Path(folder).is_dir():
             raise InputError(folder, f"{ENV_PATH} names a folder that does not exist")
         for file in sorted(Path(folder).glob("*.py")):
-            module = f"itm_pipeline_models.{file.stem}"
-            if module in sys.modules:
-                continue
-            spec = importlib.util.spec_from_file_location(module, file)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[module] = mod
-            spec.loader.exec_module(mod)
+            _import_file(file.resolve())
+
+
+def _import_file(file: Path) -> None:
+    """Import a model module outside the package, named by its path (two folders may hold
+    files of the same name); a module that fails to import is one line, and not left
+    half-imported for the next discovery to skip."""
+    tag = hashlib.sha256(str(file).encode()).hexdigest()[:12]
+    module = f"itm_pipeline_models.{file.stem}_{tag}"
+    if module in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(module, file)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[module] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except InputError:
+        sys.modules.pop(module, None)
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of user code is reported, not raised
+        sys.modules.pop(module, None)
+        raise InputError(file, f"model module failed to import ({type(e).__name__}: {e})") from None
 
 
 def list_models() -> list[str]:
