@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except click.exceptions.Exit as e:
         return e.exit_code
+    except click.UsageError as e:
+        # a bad option or value: one line like every other bad input (not click's usage block)
+        where = e.ctx.command_path if e.ctx is not None else "itm-pipeline"
+        click.echo(f"error: {where}: {e.format_message()} (see '{where} --help')", err=True)
+        return 2
     except click.ClickException as e:
         e.show()
         return e.exit_code

@@ -89,7 +89,19 @@ class TrainSettings:
             raise InputError(source, f"optimizer must be adam or adamw, got {s.optimizer!r}")
         if s.epochs < 1 or s.batch_size < 2 or s.lr_update < 1:
             raise InputError(source, "epochs >= 1, batch_size >= 2 and lr_update >= 1 are required")
+        for name, low, strict in _RANGES:
+            v = getattr(s, name)
+            if not math.isfinite(v) or v < low or (strict and v == low):
+                raise InputError(source, f"option {name}={v!r} must be a finite number "
+                                         f"{'>' if strict else '>='} {low}")
         return s
+
+
+# (option, lower bound, bound excluded): what a run can train with
+_RANGES = (("lr", 0, True), ("weight_decay", 0, False), ("lr_decay", 0, True),
+           ("grad_clip", 0, False), ("margin", 0, False), ("warmup_epochs", 0, False),
+           ("seed", 0, False), ("num_workers", 0, False), ("save_every_steps", 0, False),
+           ("eval_batch_size", 1, False))
 
 
 def _as_bool(v) -> bool:

@@ -12,6 +12,7 @@ import torch
 from pipeline.data.datasets import PairDataset, collate_pairs
 from pipeline.data.offline import (OfflineNegativeDataset, collate_offline, default_offcandisize)
 from pipeline.data.precomp import open_split
+from pipeline.device import resolve_device
 from pipeline.errors import InputError, refuse_unknown
 from pipeline.io import claim_dir
 from pipeline.finetuning import CandidateRefresh
@@ -58,6 +59,7 @@ def run(*, model: str, data_dir, out_dir, loss: str = "aoq", candidates_dir=None
         refresh_every_steps: int = 0, refresh_precision: str = "auto", passes: str = "batched",
         device: str = "cpu", resume: bool = False, progress: bool = True,
         stop_after_steps: int | None = None, kill_after_steps: int | None = None) -> dict:
+    resolve_device(device)                  # a bad --device: one line, before any work
     refresh_flag = _refresh_flag(refresh_every, refresh_every_steps)
     spec = get_loss(loss, "--loss")
     offline = spec.offline

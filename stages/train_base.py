@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from pipeline.data.precomp import open_split
+from pipeline.device import resolve_device
 from pipeline.errors import InputError
 from pipeline.io import claim_dir
 from pipeline.models import model_config, new_model
@@ -27,6 +28,7 @@ def run(*, model: str, data_dir: str | Path, out_dir: str | Path, model_options:
         kill_after_steps: int | None = None) -> dict:
     """`tokenizer_source`: what the model's tokenizer is read from instead of the data
     folder's default (a SCAN vocab file for the GRU models, the CLI's --vocab)."""
+    resolve_device(device)                  # a bad --device: one line, before any work
     settings = settings_for(model, train_options or {})
     train = open_split(data_dir, "train")
     dev = open_split(data_dir, "dev", expected_dim=train.feature_dim)

@@ -109,3 +109,40 @@ def test_help_lists_commands(capsys):
     out = capsys.readouterr().out
     for cmd in ("prepare-data", "train", "evaluate", "evaluate-sims", "validate-data"):
         assert cmd in out
+
+
+@pytest.mark.parametrize("option", ["lr=nan", "lr=-1", "lr=0", "weight_decay=-0.1",
+                                    "eval_batch_size=0", "num_workers=-1", "margin=inf",
+                                    "no_such=1", "max_violation=maybe"])
+def test_bad_training_option_values_are_one_line(tiny_data, tmp_path, capsys, option):
+    from cli.main import main
+
+    rc = main(["train", "--quiet", "--model", "vsepp", "--data", str(tiny_data),
+               "--out", str(tmp_path / "run"), "--train-option", option])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and err.startswith("error: "), err
+    assert option.split("=")[0] in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "cpu:1", "xpu", "cuda:x"])
+def test_unsupported_devices_are_one_line(tiny_data, tmp_path, capsys, device):
+    from cli.main import main
+
+    rc = main(["train", "--quiet", "--model", "vsepp", "--data", str(tiny_data),
+               "--out", str(tmp_path / "run"), "--device", device])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and device in err and "cpu, cuda" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv,env", [(["--threads", "0", "models"], {}),
+                                      (["models"], {"ITM_THREADS": "abc"}),
+                                      (["train", "--no-such-flag"], {})])
+def test_usage_errors_are_one_line(capsys, monkeypatch, argv, env):
+    from cli.main import main
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: itm-pipeline") and "--help" in err, err
