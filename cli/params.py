@@ -66,6 +66,10 @@ def run_options(section: dict, model_opts: tuple[str, ...], train_opts: tuple[st
     """(model_options, train_options) of a training command: the params section's
     `model_options` / `train` mappings, then --model-option / --train-option, then the
     dedicated flags (epochs=..., lr=...; None = not given)."""
+    for key in ("model_options", "train"):
+        if not isinstance(section.get(key) or {}, dict):
+            raise InputError("params", f"'{key}' must be a mapping of options, got "
+                                       f"{section[key]!r}")
     model_options = {**(section.get("model_options") or {}),
                      **parse_assignments(model_opts, "--model-option")}
     train_options = {**(section.get("train") or {}), **parse_assignments(train_opts, "--train-option")}

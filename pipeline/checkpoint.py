@@ -92,6 +92,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", *, dat
         tokenizer = tok_class.for_training(model_cfg, data_dir)
     model = model_from_config(model_cfg, tokenizer, source=path / CONFIG)
     state = load_state_dict(path / WEIGHTS)
+    want = model.state_dict()
+    for key, tensor in state.items():
+        if key in want and tuple(tensor.shape) != tuple(want[key].shape):
+            raise InputError(path / WEIGHTS, f"tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                             f"the config gives {tuple(want[key].shape)}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise InputError(path / WEIGHTS, f"weights do not match the config "

@@ -146,3 +146,31 @@ def test_usage_errors_are_one_line(capsys, monkeypatch, argv, env):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: itm-pipeline") and "--help" in err, err
+
+
+@pytest.mark.parametrize("key,value,expect", [
+    ("embed_size", "abc", "must be an integer"), ("embed_size", -1, "must be >= 1"),
+    ("embed_size", 0, "must be >= 1"), ("embed_size", 10**6, "parameters"),
+    ("embed_size", 10**9, "cannot build"),
+    ("img_dim", "16", "must be an integer"), ("no_imgnorm", "maybe", "true or false"),
+    ("name", ["vsepp"], "unknown model"), ("word_dim", 1.5, "must be an integer"),
+    ("embed_size", 24, "has shape"),           # weights no longer match the config
+])
+def test_bad_checkpoint_config_is_one_line(ckpt, tiny_data, tmp_path, capsys, key, value, expect):
+    """A checkpoint's config.json is validated by the model's schema before anything is
+    built: a wrong type or range, a size that cannot fit in memory, weights of other
+    shapes are one line naming the checkpoint (not configs/models/*.yaml), exit 2."""
+    import json
+
+    from cli.main import main
+
+    bad = tmp_path / "ckpt"
+    shutil.copytree(ckpt, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model"][key] = value
+    (bad / "config.json").write_text(json.dumps(cfg))
+    rc = main(["evaluate", "--checkpoint", str(bad), "--data", str(tiny_data), "--quiet",
+               "--json", str(tmp_path / "m.json")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and expect in err and str(bad) in err, err
+    assert "configs/models" not in err and not (tmp_path / "m.json").exists()

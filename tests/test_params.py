@@ -34,3 +34,15 @@ def test_unknown_params_key_is_one_line(tmp_path, capsys, command, section, body
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and bad in err and str(params) in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("body", ["train_base:\n  model_options: abc\n", "train_base:\n  train: [1, 2]\n"])
+def test_option_mappings_must_be_mappings(tmp_path, capsys, body):
+    from cli.main import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(body)
+    rc = main(["train", "--params", str(params), "--section", "train_base", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "must be a mapping" in err, err
+    assert not (tmp_path / "o").exists()

@@ -2,7 +2,8 @@
 
 A model family is one module with a class decorated by `@register_model(name)` and one
 YAML of defaults (`model:` architecture, `train:` recipe, optional `tiny:` options of a
-fast instance for the interface tests). Modules are found by discovery: every module of
+fast instance for the interface tests, optional `schema:` ranges of options beyond the
+types of their defaults, see check_options). Modules are found by discovery: every module of
 the pipeline.models package, and every `*.py` in the folders named by the environment
 variable ITM_PIPELINE_MODELS (os.pathsep-separated), so adding a model edits no
 existing file. The YAML is configs/models/{name}.yaml, or {name}.yaml beside the module.
@@ -124,7 +125,7 @@ def _load_yaml(name: str) -> dict[str, Any]:
         raise InputError(_yaml_path(name), f"invalid YAML: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise InputError(_yaml_path(name), "needs a 'model:' mapping")
-    for section in ("train", "tiny"):
+    for section in ("train", "tiny", "schema"):
         if not isinstance(data.setdefault(section, {}), dict):
             raise InputError(_yaml_path(name), f"'{section}:' must be a mapping")
     return data
@@ -140,23 +141,110 @@ def model_class(name: str) -> type:
     return _model_class(name)
 
 
-def create_model(name: str, *, img_dim: int, tokenizer, **overrides: Any):
+def create_model(name: str, *, img_dim: int, tokenizer, source=None, **overrides: Any):
     """Build model `name` from its YAML defaults and `tokenizer` (which it then owns);
-    `overrides` replace `model:` options.
+    `overrides` replace `model:` options. `source` names where the options came from
+    (a checkpoint's config.json) in errors; default: the model's YAML.
 
     An override whose value is None is ignored (keeps the default), so optional CLI
-    options can be passed through unchanged.
+    options can be passed through unchanged. Every option is checked against the model's
+    schema, and a model whose parameters would not fit in memory is refused before any
+    allocation.
     """
     cls = _model_class(name)
-    defaults = model_config(name)["model"]
+    source = source or _yaml_path(name)
+    yaml_doc = model_config(name)
+    defaults = yaml_doc["model"]
     for key in overrides:
         if key not in defaults:
-            raise InputError(_yaml_path(name), f"unknown model option {key!r}")
-    config = {"name": name, "img_dim": int(img_dim), **tokenizer.model_config(), **defaults}
+            raise InputError(source, f"unknown model option {key!r}")
+    config = {"name": name, "img_dim": img_dim, **tokenizer.model_config(), **defaults}
     config.update({k: v for k, v in overrides.items() if v is not None})
-    model = cls(config)
+    check_options(config, defaults, yaml_doc["schema"], source)
+    config["img_dim"] = int(config["img_dim"])
+    _refuse_oversized(cls, config, source)
+    model = _build(cls, config, source)
     model.tokenizer = tokenizer
     return model
+
+
+# the bytes one parameter costs in training: weights, gradients and two Adam moments
+_TRAIN_BYTES_PER_PARAM = 16
+
+
+def _build(cls, config, source):
+    try:
+        return cls(config)
+    except InputError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as e:   # an option the schema could not judge
+        raise InputError(source, f"cannot build {config['name']!r} with these options "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def _refuse_oversized(cls, config, source) -> None:
+    """Build the model without memory (the meta device) and refuse sizes that cannot train."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in cls(dict(config)).parameters())
+    except InputError:
+        raise
+    except (ValueError, TypeError, RuntimeError):
+        return   # a model that cannot be built on the meta device (from_pretrained): the real build judges
+    
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if n * _TRAIN_BYTES_PER_PARAM > total:
+        raise InputError(source, f"{config['name']!r} with these options has {n:,} parameters: "
+                                 f"training needs about {n * _TRAIN_BYTES_PER_PARAM / 2**30:.0f} GiB, "
+                                 f"this machine has {total / 2**30:.0f} GiB")
+
+
+def check_options(config: dict, defaults: dict, schema: dict, source) -> None:
+    """Each option by type and range: the type of its YAML default (bool, int, float, str;
+    an int option is >= 1 unless the schema says otherwise), refined by the YAML's
+    `schema:` entries ({type, min, max, gt, null, choices}). img_dim and vocab_size are
+    positive ints."""
+    rules = {"img_dim": {"type": "int", "min": 1}, "vocab_size": {"type": "int", "min": 1}}
+    for key, default in defaults.items():
+        kind = {bool: "bool", int: "int", float: "float", str: "str"}.get(type(default))
+        rules[key] = {**({"type": kind} if kind else {}), **({"min": 1} if kind == "int" else {}),
+                      **(schema.get(key) or {})}
+    for key, rule in rules.items():
+        if key not in config:
+            continue
+        value = config[key]
+        if value is None and (rule.get("null") or defaults.get(key, 0) is None):
+            continue
+        bad = _rule_violation(value, rule)
+        if bad:
+            raise InputError(source, f"model option {key}={value!r}: {bad}")
+
+
+def _rule_violation(value, rule: dict) -> str | None:
+    import math
+
+    kind = rule.get("type")
+    if kind == "bool" and not isinstance(value, bool):
+        return "must be true or false"
+    if kind == "str" and not isinstance(value, str):
+        return "must be a string"
+    if kind in ("int", "float"):
+        ok = isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok:
+            return f"must be {'an integer' if kind == 'int' else 'a number'}"
+        if not math.isfinite(value):
+            return "must be finite"
+        if "min" in rule and value < rule["min"]:
+            return f"must be >= {rule['min']}"
+        if "gt" in rule and value <= rule["gt"]:
+            return f"must be > {rule['gt']}"
+        if "max" in rule and value > rule["max"]:
+            return f"must be <= {rule['max']}"
+    if "choices" in rule and value not in rule["choices"]:
+        return f"must be one of {rule['choices']}"
+    return None
 
 
 def new_model(name: str, *, img_dim: int, data_dir, tokenizer_source=None, **overrides: Any):
@@ -182,4 +270,4 @@ def model_from_config(config: dict[str, Any], tokenizer, source=None):
         if rest.pop(key, value) != value:
             raise InputError(source, f"the saved tokenizer gives {key}={value}, the model "
                                      f"config {config[key]}")
-    return create_model(name, img_dim=img_dim, tokenizer=tokenizer, **rest)
+    return create_model(name, img_dim=img_dim, tokenizer=tokenizer, source=source, **rest)
