@@ -323,8 +323,12 @@ class Trainer:
                     loss, logs = self.objective(self.model, _to(batch, self.device),
                                                 epoch=self.epoch)
                     if not torch.isfinite(loss):
-                        raise RuntimeError(f"non-finite loss at epoch {self.epoch + 1} "
-                                           f"step {self.step_in_epoch}")
+                        bar.close()
+                        # nothing of this step is applied; the state saved last stays for --resume
+                        raise InputError(self.out, f"training diverged: non-finite loss at epoch "
+                                         f"{self.epoch + 1}, step {self.step_in_epoch + 1} (likely: "
+                                         "a learning rate too high, or features with huge values); "
+                                         "the last saved state is kept for --resume")
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if s.grad_clip > 0:

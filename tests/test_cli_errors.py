@@ -174,3 +174,34 @@ def test_bad_checkpoint_config_is_one_line(ckpt, tiny_data, tmp_path, capsys, ke
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and expect in err and str(bad) in err, err
     assert "configs/models" not in err and not (tmp_path / "m.json").exists()
+
+
+def test_diverging_training_is_one_line_and_keeps_the_state(tiny_data, tmp_path, capsys):
+    """Features with huge finite values make the loss non-finite: one line naming the
+    epoch and step, exit 2; the last saved state stays for --resume."""
+    import json
+
+    from cli.main import main
+    from stages import train_base
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    out = tmp_path / "run"
+    opts = {"embed_size": 16, "word_dim": 8}
+    train = {"epochs": 1, "batch_size": 16, "save_every_steps": 5}
+    assert train_base.run(model="vsepp", data_dir=data, out_dir=out, model_options=opts,
+                          train_options=train, progress=False, stop_after_steps=10)
+    state = (out / "state" / "state.safetensors").read_bytes()
+    feats = np.load(data / "train_ims.npy")
+    # finite, but the image FC overflows to inf (and the L2 norm to NaN)
+    huge = (feats.astype(np.float64) * (3e38 / np.abs(feats).max())).astype(np.float32)
+    assert np.isfinite(huge).all()
+    np.save(data / "train_ims.npy", huge)
+    rc = main(["train", "--quiet", "--model", "vsepp", "--data", str(data), "--out", str(out),
+               "--epochs", "1", "--batch-size", "16", "--model-option", "embed_size=16",
+               "--model-option", "word_dim=8", "--train-option", "save_every_steps=5", "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0, err
+    assert "training diverged: non-finite loss at epoch 1, step 11" in err and str(out) in err, err
+    assert (out / "state" / "state.safetensors").read_bytes() == state
+    assert json.loads((out / "state" / "trainer.json").read_text())["global_step"] == 10
