@@ -22,13 +22,16 @@ import importlib
 import importlib.resources
 import importlib.util
 import inspect
+import math
 import os
 import pkgutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import yaml
+from torch.overrides import TorchFunctionMode
 
 from pipeline.errors import InputError
 
@@ -148,8 +151,8 @@ def create_model(name: str, *, img_dim: int, tokenizer, source=None, **overrides
 
     An override whose value is None is ignored (keeps the default), so optional CLI
     options can be passed through unchanged. Every option is checked against the model's
-    schema, and a model whose parameters would not fit in memory is refused before any
-    allocation.
+    schema, and a model whose parameters would not fit in memory is refused before the
+    allocation that would exceed it.
     """
     cls = _model_class(name)
     source = source or _yaml_path(name)
@@ -162,7 +165,6 @@ def create_model(name: str, *, img_dim: int, tokenizer, source=None, **overrides
     config.update({k: v for k, v in overrides.items() if v is not None})
     check_options(config, defaults, yaml_doc["schema"], source)
     config["img_dim"] = int(config["img_dim"])
-    _refuse_oversized(cls, config, source)
     model = _build(cls, config, source)
     model.tokenizer = tokenizer
     return model
@@ -172,33 +174,48 @@ def create_model(name: str, *, img_dim: int, tokenizer, source=None, **overrides
 _TRAIN_BYTES_PER_PARAM = 16
 
 
+class _AllocationBudget(TorchFunctionMode):
+    """Counts the elements the tensor factories are asked for while a model is built and
+    raises before the allocation that would take training past the machine's memory: a
+    size that cannot train is refused without allocating it (and without a second build)."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit, self.total = limit, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _FACTORIES:
+            shape = args[0] if args and isinstance(args[0], (tuple, list, torch.Size)) else args
+            if func is torch.full:
+                shape = args[0]
+            self.total += math.prod(int(d) for d in shape)
+            if self.total > self.limit:
+                raise _TooLarge(self.total)
+        return func(*args, **(kwargs or {}))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+_FACTORIES = (torch.empty, torch.zeros, torch.ones, torch.rand, torch.randn, torch.full)
+
+
 def _build(cls, config, source):
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:
-        return cls(config)
+        with _AllocationBudget(total // _TRAIN_BYTES_PER_PARAM):
+            return cls(config)
+    except _TooLarge as e:
+        n = e.args[0]
+        raise InputError(source, f"{config['name']!r} with these options has over {n:,} "
+                                 f"parameters: training needs over {n * _TRAIN_BYTES_PER_PARAM / 2**30:.0f} "
+                                 f"GiB, this machine has {total / 2**30:.0f} GiB") from None
     except InputError:
         raise
     except (ValueError, TypeError, RuntimeError) as e:   # an option the schema could not judge
         raise InputError(source, f"cannot build {config['name']!r} with these options "
                                  f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
-
-
-def _refuse_oversized(cls, config, source) -> None:
-    """Build the model without memory (the meta device) and refuse sizes that cannot train."""
-    import torch
-
-    try:
-        with torch.device("meta"):
-            n = sum(p.numel() for p in cls(dict(config)).parameters())
-    except InputError:
-        raise
-    except (ValueError, TypeError, RuntimeError):
-        return   # a model that cannot be built on the meta device (from_pretrained): the real build judges
-    
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if n * _TRAIN_BYTES_PER_PARAM > total:
-        raise InputError(source, f"{config['name']!r} with these options has {n:,} parameters: "
-                                 f"training needs about {n * _TRAIN_BYTES_PER_PARAM / 2**30:.0f} GiB, "
-                                 f"this machine has {total / 2**30:.0f} GiB")
 
 
 def check_options(config: dict, defaults: dict, schema: dict, source) -> None:
@@ -223,8 +240,6 @@ def check_options(config: dict, defaults: dict, schema: dict, source) -> None:
 
 
 def _rule_violation(value, rule: dict) -> str | None:
-    import math
-
     kind = rule.get("type")
     if kind == "bool" and not isinstance(value, bool):
         return "must be true or false"
