@@ -116,7 +116,7 @@ def encode_image_range(model, split, start: int, stop: int, *, batch_size: int =
     require_indexable(model, None, "it has no pooled embedding rows")
     enc = encode_images(model, split, start, stop, batch_size=batch_size, device=device,
                         progress=progress)
-    return unit_rows(enc.data) if normalize else _pooled_rows(enc, model)
+    return unit_rows(enc.data) if normalize else enc.data.float().numpy()
 
 
 def encode_caption_range(model, split, start: int, stop: int, *, batch_size: int = 512,
@@ -126,7 +126,7 @@ def encode_caption_range(model, split, start: int, stop: int, *, batch_size: int
     require_indexable(model, None, "it has no pooled embedding rows")
     enc = encode_captions(model, split, start, stop, batch_size=batch_size, device=device,
                           progress=progress)
-    return unit_rows(enc.data) if normalize else _pooled_rows(enc, model)
+    return unit_rows(enc.data) if normalize else enc.data.float().numpy()
 
 
 @dataclass
@@ -188,9 +188,6 @@ class Gallery:
 
     def matrix(self) -> np.ndarray:
         """The whole (n_img, n_cap) score matrix (small splits: the family metrics)."""
-        if self.indexable:
-            img, cap = self.rows()
-            return img @ cap.T
         return self.block(0, self.n_img, 0, self.n_cap)
 
     def evaluate(self, protocol: str, source="embeddings") -> dict:
