@@ -45,7 +45,7 @@ def family_evaluation(data_dir, split, sims: np.ndarray, seed: int = 0) -> dict:
     from pipeline.data.scene_graphs import family_ids, load_graphs, sibling_pairs
     from pipeline.evaluation.groups import group_metrics, pairwise_accuracy, random_groups
 
-    graphs = load_graphs(data_dir, split)
+    graphs = load_graphs(data_dir, split, n_images=len(sims))
     fam = family_ids(graphs)
     size = int(np.bincount(fam).max())
     within = group_metrics(sims, fam)

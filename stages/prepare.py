@@ -39,32 +39,25 @@ def prepare_synthetic(params: dict, out_dir, progress: bool = True) -> dict:
 
 
 def prepare_precomp(source, out_dir) -> dict:
-    from pipeline.data.precomp import open_split
-    from pipeline.data.vocab import build_vocab, find_vocab
+    from pipeline.data.folder_check import check_folder
+    from pipeline.data.vocab import build_vocab
     from pipeline.io import write_json
 
     source = Path(source).resolve()
     if not source.is_dir():
         raise InputError(source, "SCAN precomp folder not found")
-    found = {}
-    for split in SPLITS:
-        has = any((source / f"{split}{suffix}").exists() for suffix in ("_ims.npy", ".h5"))
-        if has:
-            found[split] = open_split(source, split, check_finite="sample")
-    for need in ("train", "dev"):
-        if need not in found:
-            raise InputError(source, f"no {need} split ({need}_ims.npy or {need}.h5)")
+    folder = check_folder(source, check_finite="sample")    # what validate-data checks
+    found = folder.splits
     with atomic_dir(out_dir, "prepare-data", inputs=[source]) as tmp:
         for split, sp in found.items():
             for name in (f"{split}_ims.npy", f"{split}.h5", f"{split}_caps.txt",
                          f"{split}_precaps.txt", f"{split}_ids.txt"):
                 if (source / name).exists():
                     os.symlink(source / name, tmp / name)
-        try:
-            vocab_src = find_vocab(source)
-            os.symlink(vocab_src.resolve(), tmp / "vocab.json")
+        if folder.vocab_path is not None:
+            os.symlink(folder.vocab_path.resolve(), tmp / "vocab.json")
             vocab_size = None
-        except InputError:
+        else:   # raw captions only (check_folder refuses precaps without their vocab)
             caps = (found["train"].captions or []) + (found["dev"].captions or [])
             vocab = build_vocab(caps, threshold=4)
             vocab.save(tmp / "vocab.json")
@@ -73,6 +66,7 @@ def prepare_precomp(source, out_dir) -> dict:
                    "splits": {s: {"images": sp.n_images, "captions": sp.n_captions,
                                   "regions": sp.n_regions, "feature_dim": sp.feature_dim}
                               for s, sp in found.items()},
-                   "vocab_built": vocab_size}
+                   "vocab_built": vocab_size,
+                   "captions_truncated": {s: st["too_long"] for s, st in folder.caption_stats.items()}}
         write_json(tmp / "dataset.json", summary)
     return summary

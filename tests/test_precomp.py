@@ -366,6 +366,7 @@ def test_validate_data_summary(tmp_path):
 
 def test_validate_data_unk_share_and_no_vocab(tmp_path):
     d, _ = make_precomp(tmp_path / "p")
+    make_precomp(d, "dev")
     res = _invoke(d)
     assert res.exit_code == 0 and "vocab: none" in res.output
     from pipeline.data.vocab import Vocab
@@ -386,9 +387,11 @@ def test_validate_data_errors(tmp_path):
     feats = np.ones((N_IMG, R, F), np.float32)
     feats[1, 0, 0] = np.nan
     np.save(d / "train_ims.npy", feats)
-    res = _invoke(d)
+    res = _invoke(d, "--split", "train")
     assert isinstance(res.exception, InputError) and "row 1 has NaN/inf" in str(res.exception)
-    res = _invoke(d, "--check-finite", "none", "--vocab", tmp_path / "nope.json")
+    res = _invoke(d, "--split", "train", "--check-finite", "none", "--vocab", tmp_path / "nope.json")
     assert isinstance(res.exception, InputError) and "nope.json" in str(res.exception)
     res = _invoke(d, "--split", "dev")
     assert isinstance(res.exception, InputError) and "dev_ims.npy" in str(res.exception)
+    res = _invoke(d, "--check-finite", "none")      # default: train and dev are required
+    assert isinstance(res.exception, InputError) and "no dev split" in str(res.exception)

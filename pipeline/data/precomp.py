@@ -236,6 +236,25 @@ def _check_finite(path: Path, feat, n_rows: int, row_bytes: int, mode: str) -> N
             check(np.asarray(feat[int(r)])[None], np.array([r]))
 
 
+REPEAT_SAMPLE_IMAGES = 16   # images whose repeated rows open_split compares
+
+
+def _check_repeated_rows(path: Path, feat, n_images: int, rows_per_image: int) -> None:
+    """One feature row per caption is SCAN's layout for test files: each image's row
+    repeated `rows_per_image` times. Distinct rows there mean one image per caption
+    (1 caption per image), which no protocol reads; compare the repeats of a sample of
+    images (cheap: a few rows) so that it is refused here, not by evaluate."""
+    for i in np.unique(np.linspace(0, n_images - 1, min(n_images, REPEAT_SAMPLE_IMAGES)).astype(np.int64)):
+        r0 = int(i) * rows_per_image
+        block = np.asarray(feat[r0:r0 + rows_per_image])
+        differ = np.flatnonzero(~(block == block[0]).reshape(rows_per_image, -1).all(axis=1))
+        if len(differ):
+            raise InputError(path, f"{rows_per_image * n_images} feature rows for as many captions, but rows "
+                                   f"{r0} and {r0 + int(differ[0])} differ: one row per caption must repeat "
+                                   f"its image's row {rows_per_image} times (SCAN layout); "
+                                   f"{CAPS_PER_IMAGE} captions per image are needed")
+
+
 def open_split(data_dir: str | Path, split: str, *, expected_dim: int | None = None,
                check_finite: str = "auto") -> PrecompSplit:
     """Open and validate one split of a precomp folder (features stay on disk)."""
@@ -293,6 +312,8 @@ def open_split(data_dir: str | Path, split: str, *, expected_dim: int | None = N
             raise InputError(captions_path,
                              f"{n_caps} captions for {n_images} images ({features_path.name}): "
                              f"expected {CAPS_PER_IMAGE} per image ({CAPS_PER_IMAGE * n_images})")
+        if rows_per_image > 1:
+            _check_repeated_rows(features_path, feat, n_images, rows_per_image)
 
         # ids (optional): one per unique image, or one per feature row when rows repeat
         ids = None

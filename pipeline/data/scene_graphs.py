@@ -23,8 +23,9 @@ def graphs_path(data_dir: str | Path, split: str) -> Path:
     return Path(data_dir) / f"{split}_graphs.jsonl"
 
 
-def load_graphs(data_dir: str | Path, split: str) -> list[dict]:
-    """The split's scene graphs, one dict per image in row order (validated)."""
+def load_graphs(data_dir: str | Path, split: str, n_images: int | None = None) -> list[dict]:
+    """The split's scene graphs, one dict per image in row order (validated; `n_images`:
+    the split's image count they must match)."""
     path = graphs_path(data_dir, split)
     try:
         lines = path.read_text().splitlines()
@@ -57,6 +58,8 @@ def load_graphs(data_dir: str | Path, split: str) -> list[dict]:
         graphs.append(g)
     if not graphs:
         raise InputError(path, "scene graph file is empty")
+    if n_images is not None and len(graphs) != n_images:
+        raise InputError(path, f"{len(graphs)} scene graphs for {n_images} images of split {split!r}")
     return graphs
 
 

@@ -5,6 +5,7 @@ A model owns its tokenizer (`model.tokenizer`, built from the model's config by 
 registry, saved inside its checkpoint folder). A tokenizer offers:
 
     kind, pad_id, size                 what it is, the padding id, the number of ids
+    max_length                         ids per caption it lets through (markers included)
     encode(caption) -> ids             a raw caption, with its start/end markers
     from_precaps(ids) -> ids           a precaps line (SCAN word ids); check_precaps(lines, src)
     augment(ids, rng, p) -> ids        training-time token augmentation (draws from rng)
@@ -24,8 +25,11 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+import sys
+
 import numpy as np
 
+from pipeline.data import MAX_CAPTION_TOKENS
 from pipeline.errors import InputError
 
 HF_FOLDER = "tokenizer"   # an HFTokenizer's folder inside a checkpoint folder
@@ -35,7 +39,9 @@ class CaptionTokens:
     """Token ids of every caption of a split under one tokenizer, encoded once.
 
     Stored flat (int32 ids + offsets), so a COCO-sized split costs a few tens of MB and
-    DataLoader workers share it after fork."""
+    DataLoader workers share it after fork. A caption longer than the tokenizer's
+    `max_length` keeps its first max_length - 1 ids and its end marker (`truncated`
+    counts them; one warning per split)."""
 
     def __init__(self, split, tokenizer):
         if split.captions is None:
@@ -45,10 +51,19 @@ class CaptionTokens:
             rows = (tokenizer.from_precaps(ids) for ids in split.precaps)
         else:
             rows = (tokenizer.encode(c) for c in split.captions)
+        limit = max_length(tokenizer)
         lengths, flat = [], []
+        self.truncated = longest = 0
         for ids in rows:
+            if len(ids) > limit:
+                self.truncated += 1
+                longest = max(longest, len(ids))
+                ids = ids[:limit - 1] + ids[-1:]
             lengths.append(len(ids))
             flat.extend(ids)
+        if self.truncated:
+            print(f"warning: {split.captions_path}: {self.truncated} caption(s) longer than {limit} "
+                  f"tokens truncated (longest {longest})", file=sys.stderr)
         self.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=self.offsets[1:])
         self.ids = np.asarray(flat, dtype=np.int32)
@@ -58,6 +73,10 @@ class CaptionTokens:
 
     def __call__(self, j: int) -> list[int]:
         return self.ids[self.offsets[j]:self.offsets[j + 1]].tolist()
+
+
+def max_length(tokenizer) -> int:
+    return int(getattr(tokenizer, "max_length", MAX_CAPTION_TOKENS))
 
 
 def caption_tokens(split, tokenizer) -> CaptionTokens:
@@ -81,6 +100,9 @@ class HFTokenizer:
         self.pad_id = int(tokenizer.pad_token_id or 0)
         self.mask_id = tokenizer.mask_token_id
         self.size = len(tokenizer)
+        # the encoder's position limit (tokenizers without one report a huge sentinel)
+        limit = tokenizer.model_max_length
+        self.max_length = int(limit) if limit < 100_000 else 512
 
     @classmethod
     def load_folder(cls, folder) -> "HFTokenizer":
@@ -104,8 +126,8 @@ class HFTokenizer:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def encode(self, caption: str) -> list[int]:
-        limit = self.tok.model_max_length if self.tok.model_max_length < 100_000 else 512
-        return list(self.tok(caption, truncation=True, max_length=limit)["input_ids"])
+        # untruncated (CaptionTokens truncates and counts); verbose=False: no length warning
+        return list(self.tok(caption, verbose=False)["input_ids"])
 
     def from_precaps(self, ids: Sequence[int]) -> list[int]:
         raise InputError(None, "precaps hold SCAN vocab ids: a transformers tokenizer needs raw captions")

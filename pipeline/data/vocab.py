@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from pipeline.data import MAX_CAPTION_TOKENS
 from pipeline.errors import InputError
 from pipeline.io import read_json
 
@@ -130,6 +131,7 @@ class Vocab:
     # --- the tokenizer interface (pipeline.data.tokens) -----------------------------
     kind = "scan_vocab"
     pad_id = 0
+    max_length = MAX_CAPTION_TOKENS
 
     @property
     def size(self) -> int:
@@ -161,15 +163,22 @@ class Vocab:
             raise InputError(source, f"line {bad + 1} has word id {max(precaps[bad])}, "
                                      f"but the vocab has {len(self)} words")
 
-    def unk_share(self, split) -> tuple[int, int]:
-        """(<unk> tokens, word tokens) of a split's captions (validate-data's summary)."""
+    def caption_stats(self, split) -> dict[str, int]:
+        """validate-data's summary of a split's captions under this vocab: <unk> and word
+        tokens, captions over `max_length` ids (markers included) and the longest."""
         if split.captions is not None:
-            toks = [t for c in split.captions for t in tokenize(c)]
-            return sum(1 for t in toks if t not in self.word2idx), len(toks)
-        self.check_precaps(split.precaps, split.captions_path)
-        unk = self.word2idx[UNK]
-        return (sum(1 for ids in split.precaps for i in ids if i == unk),
-                sum(len(ids) for ids in split.precaps))
+            words = [tokenize(c) for c in split.captions]
+            unk = sum(1 for ws in words for t in ws if t not in self.word2idx)
+            lengths = [len(ws) + 2 for ws in words]
+        else:
+            self.check_precaps(split.precaps, split.captions_path)
+            unk_id = self.word2idx[UNK]
+            words = split.precaps
+            unk = sum(1 for ids in words for i in ids if i == unk_id)
+            lengths = [len(self.from_precaps(ids)) for ids in words]
+        return {"unk": unk, "tokens": sum(len(ws) for ws in words),
+                "too_long": sum(1 for n in lengths if n > self.max_length),
+                "longest": max(lengths, default=0)}
 
     def augment(self, tokens: Sequence[int], rng: np.random.Generator, p: float) -> list[int]:
         """VSE∞ caption augmentation (see augment_tokens)."""
