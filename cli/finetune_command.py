@@ -19,12 +19,12 @@ from pipeline.losses.registry import loss_names, losses_help
 @click.option("--init", default=None,
               help="A checkpoint folder to fine-tune, or 'scratch'.  [default: scratch]")
 @run_folder_options
-@click.option("--offcandisize", type=int, default=None,
+@click.option("--offcandisize", type=click.IntRange(min=1), default=None,
               help="Sample offline negatives from the top ranks [0, N) of each candidate row "
                    "(reference: 300 for COCO).  [default: 300 scaled to the gallery, floor 10]")
-@click.option("--refresh-every", type=int, default=None,
+@click.option("--refresh-every", type=click.IntRange(min=0), default=None,
               help="Re-mine the candidates with the model being trained every N epochs (0: never).")
-@click.option("--refresh-every-steps", type=int, default=None,
+@click.option("--refresh-every-steps", type=click.IntRange(min=0), default=None,
               help="Re-mine them every N optimizer steps instead (0: never; not with --refresh-every).")
 @click.option("--alpha", type=float, default=None, help="AOQ weight scale α.  [default: 0.3]")
 @click.option("--beta", type=float, default=None, help="AOQ weight offset β.  [default: 1.5]")
@@ -61,8 +61,10 @@ def finetune(model, loss, candidates_dir, init, data_dir, out_dir, epochs, batch
 
     p = load_section(params_file, section, known=FINETUNE_SECTION_KEYS)
     model = pick(model, p, "model", "vse_inf")
-    per_model = check_keys(dict((p.get("models") or {}).get(model) or {}), FINETUNE_MODEL_KEYS,
-                           params_file, f"{section}.models.{model}")
+    per_model = (p.get("models") or {}).get(model) or {}
+    if not isinstance(per_model, dict):
+        raise InputError(params_file, f"{section}.models.{model}={per_model!r}: must be a mapping")
+    per_model = check_keys(dict(per_model), FINETUNE_MODEL_KEYS, params_file, f"{section}.models.{model}")
     p = {**p, **per_model}
     out_dir = pick(out_dir, p, "out", None)
     if not out_dir:

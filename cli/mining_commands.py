@@ -8,20 +8,16 @@ import click
 from cli.params import load_section, pick
 from pipeline.errors import InputError
 from pipeline.timings import beside, write_timings
+from stages.params_schema import EMBED as EMBED_KEYS
+from stages.params_schema import mine_section as MINE_KEYS
 
 PARAMS_HELP = "Read defaults from this params.yaml (its --section); explicit options win."
-
-EMBED_KEYS = {"checkpoint", "data", "split", "out", "batch_size", "device", "block_rows",
-              "scheduler", "workers"}
-MINE_KEYS = {"img_embs", "cap_embs", "embeddings_dir", "checkpoint", "data", "split", "out",
-             "name", "k_i2t", "k_t2i", "backend", "precision", "index", "device", "row_block",
-             "col_block", "batch_size", "summary_json", "scheduler", "workers", "filters"}
 
 SCHEDULER_HELP = "Address of a running dask scheduler (tcp://host:8786): shard the work over its workers."
 WORKERS_HELP = "Start a local dask cluster of N one-thread worker processes and shard the work."
 
 
-def _section(params_file, section: str, known: set[str]) -> dict:
+def _section(params_file, section: str, known) -> dict:
     return load_section(params_file, section, known=known)
 
 
@@ -82,9 +78,9 @@ def embed(checkpoint, data_dir, split, out_dir, batch_size, device, block_rows, 
 @click.option("--name", default=None,
               help="File name suffix: i2t_<name>.npy, t2i_<name>.npy.  [default: from the data folder, "
                    "coco_precomp -> coco]")
-@click.option("--k-i2t", type=click.IntRange(min=0), default=None,
+@click.option("--k-i2t", type=click.IntRange(min=1), default=None,
               help="Captions per image (capped at N_cap - 5).  [default: 2000, AOQ's]")
-@click.option("--k-t2i", type=click.IntRange(min=0), default=None,
+@click.option("--k-t2i", type=click.IntRange(min=1), default=None,
               help="Images per caption (capped at N_img - 1).  [default: 400, AOQ's]")
 @click.option("--backend", type=click.Choice(["torch", "faiss"]), default=None,
               help="torch: one exact tiled pass for both directions; faiss: one search per "
@@ -132,10 +128,15 @@ def mine_candidates(img_embs, cap_embs, embeddings_dir, checkpoint, data_dir, sp
         "index": pick(index, p, "index"), "device": pick(device, p, "device"),
         "row_block": pick(row_block, p, "row_block"), "col_block": pick(col_block, p, "col_block"),
     }, source=str(params_file) if params_file else "options")
+    if cfg.backend == "torch" and index not in (None, "flat"):
+        raise InputError("--index", f"{index!r} is a faiss index: it needs --backend faiss "
+                                    "(the torch pass is exact)")
     # Explicit input options replace the params section's inputs as a group, so that
     # `--img-embs A --cap-embs B` is not mixed with a `checkpoint:` from the params file.
     explicit_inputs = any(v is not None for v in (img_embs, cap_embs, embeddings_dir, checkpoint))
     src = {} if explicit_inputs else p
+    if split is not None and not pick(checkpoint, src, "checkpoint"):
+        raise InputError("--split", "applies only with --checkpoint (embeddings name their own split)")
     batch = pick(batch_size, p, "batch_size")
     summary = stage.run(
         out_dir=out_dir, cfg=cfg, name=pick(name, p, "name"),

@@ -7,28 +7,27 @@ import yaml
 
 from pipeline.errors import InputError, refuse_unknown
 from pipeline.io import read_yaml
-from stages.check_params import FINETUNE_KEYS
+from pipeline.options import check_values
+from stages import params_schema as schema
 
-# the keys each training command reads from its params section (finetune: also from the
-# section's models.<model> mapping, which refines them per model)
-TRAIN_KEYS = {"model", "data", "out", "model_options", "train", "device", "init"}
-EVALUATE_KEYS = {"checkpoint", "data", "split", "protocol", "json", "groups_json", "device",
-                 "batch_size"}
-FINETUNE_MODEL_KEYS = {"init", "candidates", "model_options", "train"}
-# params.yaml's finetune section (check-params' keys), and what a hand-written one may add
-FINETUNE_SECTION_KEYS = FINETUNE_KEYS | {"model", "loss", "init", "out", "model_options", "train"}
+# the keys (with their rules: stages.params_schema) each command reads from its params
+# section; callables are built on first use (they import the training module)
+TRAIN_KEYS = schema.train_section
+EVALUATE_KEYS = schema.evaluate_section
+FINETUNE_MODEL_KEYS = schema.finetune_model
+FINETUNE_SECTION_KEYS = schema.finetune_section
 
 
 def check_keys(node: dict, known, params_file, section: str) -> dict:
-    """The one unknown-key check of a params section: a typo is one line naming it."""
-    refuse_unknown(node, known, params_file, f"key(s) in section '{section}':")
-    return node
+    """The one check of a params section (stages.params_schema.check_section)."""
+    return schema.check_section(node, known, params_file, section)
 
 
 def load_section(params_file: str | Path | None, section: str, optional: bool = False,
                  known=None) -> dict:
     """The section (dotted: nested) of a params file; {} without a file, or when optional
-    and the file has no such section. `known`: the keys the section may have."""
+    and the file has no such section. `known`: the section's keys, or their rules (a dict,
+    or a callable returning one)."""
     if not params_file:
         return {}
     path = Path(params_file)
@@ -70,8 +69,13 @@ def run_options(section: dict, model_opts: tuple[str, ...], train_opts: tuple[st
         if not isinstance(section.get(key) or {}, dict):
             raise InputError("params", f"'{key}' must be a mapping of options, got "
                                        f"{section[key]!r}")
+    from pipeline.training import TrainSettings
+
     model_options = {**(section.get("model_options") or {}),
                      **parse_assignments(model_opts, "--model-option")}
-    train_options = {**(section.get("train") or {}), **parse_assignments(train_opts, "--train-option")}
+    given = parse_assignments(train_opts, "--train-option")
+    refuse_unknown(given, TrainSettings.rules(), "--train-option", "training option(s)")
+    check_values(given, TrainSettings.rules(), "--train-option")
+    train_options = {**(section.get("train") or {}), **given}
     train_options.update({k: v for k, v in explicit.items() if v is not None})
     return model_options, train_options

@@ -33,7 +33,11 @@ def prepare_data(dataset, out_dir, source, n_train, n_dev, n_test, feature_dim, 
     """Write the data folder: generate the embedded dataset or validate a real one."""
     from stages import prepare
 
+    from stages.params_schema import check_prepare
+
     p = load_section(params_file, section)
+    if params_file:
+        check_prepare(p, params_file, section)
     out_dir = out_dir or p.pop("out", None) or "artifacts/data"
     p.pop("out", None)
     for key, val in (("dataset", dataset), ("source", source), ("n_train", n_train),
@@ -108,7 +112,8 @@ def train(model, data_dir, out_dir, epochs, batch_size, lr, seed, model_opts, tr
 @click.option("--groups-json", type=click.Path(), default=None,
               help="Embedded dataset: write within-family vs random-group metrics here.")
 @click.option("--device", default=None)
-@click.option("--batch-size", type=int, default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Images per forward pass.  [default: 128]")
 @click.option("--params", "params_file", type=click.Path(), default=None, help=PARAMS_HELP)
 @click.option("--section", default="evaluate_base", show_default=True)
 @click.option("--quiet", is_flag=True)

@@ -74,44 +74,34 @@ class TrainSettings:
     eval_batch_size: int = 256
 
     @classmethod
+    def rules(cls) -> dict[str, dict]:
+        """Each option's rule (pipeline.options): the type of its default and its range."""
+        kinds = {bool: "bool", int: "int", float: "float", str: "str"}
+        rules = {f.name: {"type": kinds[type(f.default)]} for f in dataclasses.fields(cls)}
+        for name, low, strict in _RANGES:
+            rules[name]["gt" if strict else "min"] = low
+        rules["optimizer"]["choices"] = ("adam", "adamw")
+        rules["region_drop"]["max"] = 0.99
+        rules["token_aug"]["max"] = 1
+        return rules
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "train settings") -> "TrainSettings":
+        from pipeline.options import check_values
+
         known = {f.name: f for f in dataclasses.fields(cls)}
         refuse_unknown(values, known, source, "training option(s)")
-        out = {}
-        for k, v in values.items():
-            typ = type(getattr(cls(), k))
-            try:
-                out[k] = typ(v) if typ is not bool else _as_bool(v)
-            except (TypeError, ValueError):
-                raise InputError(source, f"option {k}={v!r} is not a valid {typ.__name__}") from None
-        s = cls(**out)
-        if s.optimizer not in ("adam", "adamw"):
-            raise InputError(source, f"optimizer must be adam or adamw, got {s.optimizer!r}")
-        if s.epochs < 1 or s.batch_size < 2 or s.lr_update < 1:
-            raise InputError(source, "epochs >= 1, batch_size >= 2 and lr_update >= 1 are required")
-        for name, low, strict in _RANGES:
-            v = getattr(s, name)
-            if not math.isfinite(v) or v < low or (strict and v == low):
-                raise InputError(source, f"option {name}={v!r} must be a finite number "
-                                         f"{'>' if strict else '>='} {low}")
-        return s
+        check_values(values, cls.rules(), source, "option ")
+        # an int given for a float option is that float
+        return cls(**{k: float(v) if known[k].type in ("float", float) else v for k, v in values.items()})
 
 
 # (option, lower bound, bound excluded): what a run can train with
 _RANGES = (("lr", 0, True), ("weight_decay", 0, False), ("lr_decay", 0, True),
            ("grad_clip", 0, False), ("margin", 0, False), ("warmup_epochs", 0, False),
            ("seed", 0, False), ("num_workers", 0, False), ("save_every_steps", 0, False),
-           ("eval_batch_size", 1, False))
-
-
-def _as_bool(v) -> bool:
-    if isinstance(v, str):
-        if v.lower() in ("1", "true", "yes", "on"):
-            return True
-        if v.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(v)
-    return bool(v)
+           ("eval_batch_size", 1, False), ("epochs", 1, False), ("batch_size", 2, False),
+           ("lr_update", 1, False), ("region_drop", 0, False), ("token_aug", 0, False))
 
 
 def epoch_lr(settings: TrainSettings, epoch: int) -> float:

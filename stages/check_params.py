@@ -156,6 +156,9 @@ def check(doc: dict, source) -> list[dict]:
     per_model = finetune.get("models")
     if not isinstance(per_model, dict):
         raise InputError(source, "no 'finetune.models' section (each run's model: init, train)")
+    from stages.params_schema import check_document
+
+    check_document(doc, source)
     runs = finetune_runs(finetune, source)
     for run in runs:
         where = f"finetune.runs.{run['group']}.{run['name']}"

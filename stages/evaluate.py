@@ -21,6 +21,11 @@ SECTION = "evaluate_base"
 def run(*, checkpoint, data_dir, split: str = "test", protocol: str = "full",
         out_json=None, groups_json=None, device: str = "cpu", batch_size: int = 128,
         progress: bool = True) -> dict:
+    from pipeline.options import check_values
+    from stages.params_schema import evaluate_section
+
+    check_values({"split": split, "protocol": protocol, "batch_size": batch_size}, evaluate_section(),
+                 "evaluate")
     for out in (out_json, groups_json):     # a metrics file never lands on an input
         if out:
             refuse_overlap(out, [checkpoint, data_dir])

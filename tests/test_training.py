@@ -124,8 +124,11 @@ def test_lr_schedule_and_batches_are_pure():
 def test_bad_settings_are_refused():
     with pytest.raises(InputError, match="unknown training option"):
         TrainSettings.from_dict({"epochz": 3})
-    with pytest.raises(InputError, match="not a valid int"):
+    with pytest.raises(InputError, match="epochs='many': must be an integer"):
         TrainSettings.from_dict({"epochs": "many"})
+    with pytest.raises(InputError, match="epochs=1.5: must be an integer"):
+        TrainSettings.from_dict({"epochs": 1.5})       # never truncated to 1
+    assert TrainSettings.from_dict({"lr": 1}).lr == 1.0 and isinstance(TrainSettings.from_dict({"lr": 1}).lr, float)
     with pytest.raises(InputError, match="optimizer"):
         TrainSettings.from_dict({"optimizer": "sgd"})
 

@@ -24,6 +24,7 @@ import numpy as np
 from pipeline.data import CAPS_PER_IMAGE
 from pipeline.errors import InputError
 from pipeline.io import atomic_dir, open_memmap_out
+from pipeline.options import rule_violation
 
 SPLITS = ("train", "dev", "test")
 EDIT_TYPES = ("attribute", "object", "binding", "relation", "scene")
@@ -137,6 +138,15 @@ class SyntheticConfig:
     def validate(self) -> None:
         def bad(problem):
             raise InputError("synthetic config", problem)
+
+        kinds = {bool: "bool", int: "int", float: "float", str: "str"}
+        for f in dataclasses.fields(self):
+            kind = kinds.get(type(f.default))
+            problem = kind and rule_violation(getattr(self, f.name), {"type": kind})
+            if problem:
+                bad(f"{f.name}={getattr(self, f.name)!r} {problem}")
+        if self.seed < 0:
+            bad(f"seed={self.seed} must be >= 0")
 
         if not isinstance(self.family_size, (int, np.integer)) or self.family_size < 1:
             bad(f"family_size must be an integer >= 1, got {self.family_size!r}")

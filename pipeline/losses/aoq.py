@@ -49,13 +49,18 @@ class AOQSettings:
         if self.loss == "aoq" and not self.max_violation:
             raise InputError(source, "the aoq loss needs max-violation (its adaptive weights are "
                                      "defined per hardest negative); drop --no-max-violation")
-        if self.alpha <= 0:
-            raise InputError(source, f"alpha must be > 0, got {self.alpha}")
+        from pipeline.options import check_values
+
+        check_values({k: getattr(self, k) for k in AOQ_RULES}, AOQ_RULES, source)
         return self
 
 
-# the settings a params file or the CLI may give (the rest come from the loss and training)
-AOQ_OPTIONS = ("offline_margin", "alpha", "beta", "mask_accidental_positives", "detach_weights")
+# the settings a params file or the CLI may give (the rest come from the loss and training),
+# with their rules (pipeline.options; params.yaml's finetune.aoq is checked by them too)
+AOQ_RULES = {"offline_margin": {"type": "float", "min": 0}, "alpha": {"type": "float", "gt": 0},
+             "beta": {"type": "float"}, "mask_accidental_positives": {"type": "bool"},
+             "detach_weights": {"type": "bool"}}
+AOQ_OPTIONS = tuple(AOQ_RULES)
 
 
 def online_hardest(scores: torch.Tensor, negative_mask: torch.Tensor

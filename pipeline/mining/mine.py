@@ -54,8 +54,8 @@ class MineConfig:
         choice("index", INDEXES)
         for name in ("k_i2t", "k_t2i"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise InputError(source, f"{name} must be an integer >= 0, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise InputError(source, f"{name} must be an integer >= 1, got {v!r}")
         for name in ("row_block", "col_block"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:

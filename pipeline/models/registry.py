@@ -34,6 +34,7 @@ import yaml
 from torch.overrides import TorchFunctionMode
 
 from pipeline.errors import InputError
+from pipeline.options import rule_violation
 
 _MODELS: dict[str, type] = {}
 ENV_PATH = "ITM_PIPELINE_MODELS"
@@ -234,32 +235,9 @@ def check_options(config: dict, defaults: dict, schema: dict, source) -> None:
         value = config[key]
         if value is None and (rule.get("null") or defaults.get(key, 0) is None):
             continue
-        bad = _rule_violation(value, rule)
+        bad = rule_violation(value, rule)
         if bad:
             raise InputError(source, f"model option {key}={value!r}: {bad}")
-
-
-def _rule_violation(value, rule: dict) -> str | None:
-    kind = rule.get("type")
-    if kind == "bool" and not isinstance(value, bool):
-        return "must be true or false"
-    if kind == "str" and not isinstance(value, str):
-        return "must be a string"
-    if kind in ("int", "float"):
-        ok = isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok:
-            return f"must be {'an integer' if kind == 'int' else 'a number'}"
-        if not math.isfinite(value):
-            return "must be finite"
-        if "min" in rule and value < rule["min"]:
-            return f"must be >= {rule['min']}"
-        if "gt" in rule and value <= rule["gt"]:
-            return f"must be > {rule['gt']}"
-        if "max" in rule and value > rule["max"]:
-            return f"must be <= {rule['max']}"
-    if "choices" in rule and value not in rule["choices"]:
-        return f"must be one of {rule['choices']}"
-    return None
 
 
 def new_model(name: str, *, img_dim: int, data_dir, tokenizer_source=None, **overrides: Any):
