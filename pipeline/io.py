@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +19,7 @@ from pipeline.errors import InputError
 
 
 STAMP = ".itm-pipeline"          # in every folder the tool writes: which command wrote it
+IN_USE = ".itm-pipeline-pid"     # in a build folder while its process works in it: pid, host
 _TEMP = re.compile(r"^\..+\.~(\d+)~.*\.tmp$")  # temp names carry the writer's pid
 _TEMP_NAME = re.compile(r"^\.(.+)\.~\d+~.*\.tmp$")
 _FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -138,23 +140,81 @@ def sweep_stale_temps(folder: str | Path, recursive: bool = False, only: str | N
     """Remove the temp files and folders of this tool whose writing process is gone (a killed
     run); another live process's temps stay. `only`: just the temps of the output named so
     (in a folder the tool does not own, e.g. an output's parent, nothing else is touched).
+    A temp file goes when the pid in its name is gone; a temp folder only when it proves it
+    is ours (:func:`_stale_folder`), so a user's folder of a similar name is never touched.
     Returns how many went."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    gone = 0
-    for entry in list(folder.rglob(".*") if recursive else folder.iterdir()):
+    gone, kept = 0, []
+    entries = folder.rglob(".*") if recursive else folder.iterdir()
+    for entry in sorted(entries, key=lambda p: len(p.parts)):     # folders before their content
         m = _TEMP.match(entry.name)
-        if not m or _alive(int(m.group(1))):
+        if not m or any(k in entry.parents for k in kept):        # a kept folder keeps its temps
             continue
         if only is not None and not entry.name.startswith(f".{only}.~"):
             continue
         if entry.is_dir() and not entry.is_symlink():
+            if not _stale_folder(entry, int(m.group(1))):
+                kept.append(entry)
+                continue
             shutil.rmtree(entry, ignore_errors=True)
         else:
+            if _alive(int(m.group(1))):
+                continue
             entry.unlink(missing_ok=True)
         gone += 1
     return gone
+
+
+def mark_in_use(folder: str | Path, owner: str) -> None:
+    """Record in `folder` that this process (pid, host, start time) works in it: a sweep by
+    another run, on this host or another one sharing the file system, then leaves it alone."""
+    doc = {"written_by": f"itm-pipeline {owner}", "pid": os.getpid(), "host": socket.gethostname(),
+           "start": _proc_start(os.getpid())}
+    (Path(folder) / IN_USE).write_text(json.dumps(doc) + "\n")
+
+
+def _in_use_mark(folder: Path) -> dict | None:
+    """The IN_USE marker of `folder` when it is one this tool wrote (a plain file, its fields)."""
+    mark = folder / IN_USE
+    if mark.is_symlink():
+        return None
+    try:
+        doc = json.loads(mark.read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(doc, dict) and str(doc.get("written_by", "")).startswith("itm-pipeline ")
+            and type(doc.get("pid")) is int and isinstance(doc.get("host"), str)):
+        return None
+    return doc
+
+
+def _stale_folder(folder: Path, name_pid: int) -> bool:
+    """Whether a temp-named folder is ours and its process gone. With an IN_USE marker, the
+    marker decides: gone only on the host that wrote it (another host's pids mean nothing
+    here), and only when its pid is dead or now a different process (start time). Without
+    one, only a folder holding our stamp (a finished build or an output being swapped out
+    when the run died) goes, by the pid in its name; any other folder is not provably ours."""
+    doc = _in_use_mark(folder)
+    if doc is not None:
+        if doc["host"] != socket.gethostname():
+            return False
+        pid = doc["pid"]
+        if not _alive(pid):
+            return True
+        start = doc.get("start")
+        return start is not None and _proc_start(pid) not in (None, start)
+    own = written_by(folder)
+    return own is not None and own.startswith("itm-pipeline ") and not _alive(name_pid)
+
+
+def _proc_start(pid: int) -> int | None:
+    """A process's start time (clock ticks since boot; Linux), which tells a reused pid apart."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _alive(pid: int) -> bool:
@@ -203,7 +263,9 @@ def atomic_dir(path: str | Path, owner: str, inputs=()) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
+        mark_in_use(tmp, owner)                  # a concurrent run's sweep leaves it alone
         yield tmp
+        (tmp / IN_USE).unlink(missing_ok=True)   # never part of the output
         _stamp(tmp, owner)
         if path.exists():
             _check_owner(path, owner)            # it may have changed while we worked

@@ -86,7 +86,10 @@ def run(*, model: str, data_dir, out_dir, loss: str = "aoq", candidates_dir=None
             raise InputError(None, f"--loss {loss} samples offline negatives: give --candidates DIR")
         from pipeline.mining.candidates import load_candidates
 
-        cands = load_candidates(candidates_dir, n_images=train.n_images)
+        # split: candidates mined on dev/test with as many rows would pass the count check.
+        # No expected checkpoint: the candidates may come from any independent model (the
+        # base's serve every run of params.yaml, each fine-tuned from its own init)
+        cands = load_candidates(candidates_dir, n_images=train.n_images, split="train")
         k = default_offcandisize(train.n_captions) if offcandisize is None else int(offcandisize)
         dataset = OfflineNegativeDataset(pairs, cands.i2t, cands.t2i, k, source=candidates_dir)
         kwargs = {"dataset": dataset, "collate_fn": collate_offline, "objective": objective}

@@ -189,7 +189,10 @@ def run(*, out_dir, cfg: MineConfig | None = None, name: str | None = None, img_
         head_i2t, head_t2i = capped_k(k_i2t + fcfg.headroom(k_i2t), k_t2i + fcfg.headroom(k_t2i), n_img)
         mine_cfg = dataclasses.replace(cfg, k_i2t=head_i2t, k_t2i=head_t2i)
         # the pass works in memory-mapped files in the build folder (removed before it is
-        # renamed), so a big training set does not need its candidates in private memory
+        # renamed), so a big training set does not need its candidates in private memory.
+        # A SIGKILL leaves them in the build folder, whose in-use marker (pid, host, start
+        # time: pipeline.io.mark_in_use) lets the next run into out_dir remove it once this
+        # process is gone, and never while it lives or when another host wrote it
         with tempfile.TemporaryDirectory(prefix=".mine-scratch-", dir=tmp) as scratch:
             knn = _knn(img, cap, mine_cfg, progress, img_path=img_path, cap_path=cap_path,
                        scheduler=scheduler, workers=workers, scratch=scratch)

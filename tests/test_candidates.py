@@ -351,3 +351,114 @@ def test_cli_errors(tmp_path, cands):
     res = run(import_cmd, ["--i2t", str(i2t), "--t2i", str(tmp_path / "missing.npy"), "--out", str(tmp_path / "o")])
     assert isinstance(res.exception, InputError)
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- issue 19.7
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+def _retype(path, column, make, **write_kw):
+    """Rewrite a Parquet candidate file with `column` replaced by make(old column), metadata kept."""
+    import pyarrow as pa
+
+    t = pq.read_table(path)
+    new = make(t.column(column))
+    t = t.set_column(t.schema.get_field_index(column), pa.field(column, new.type), new)
+    pq.write_table(t.replace_schema_metadata(pq.read_schema(path).metadata), path, **write_kw)
+
+
+_NULL_FIRST = lambda c: __import__("pyarrow").array([None] + c.to_pylist()[1:], "int32")  # noqa: E731
+
+
+@pytest.mark.parametrize("column,make,found,stats", [
+    ("score", lambda c: c.cast("string"), "type string", True),
+    ("score", lambda c: c.cast("float64").cast("int64", safe=False), "type int64", True),
+    ("candidate", lambda c: c.cast("float64"), "type double", True),
+    ("query", lambda c: c.cast("float32"), "type float", True),
+    ("candidate", _NULL_FIRST, "is null in 1 rows", True),     # from the row-group statistics
+    ("candidate", _NULL_FIRST, "is null in 1 rows", False),    # counted by the full check
+])
+def test_parquet_column_types_through_the_cli(tmp_path, cands, capsys, column, make, found, stats):
+    """String scores, float ids (accepted before: numpy converted them) and null ids are one
+    line naming the file, the column and what it holds; nothing is written."""
+    from cli.main import main
+
+    folder = tmp_path / "cands"
+    paths = write_candidates(folder, "coco", cands, META)
+    _retype(paths["i2t_parquet"], column, make, write_statistics=stats)
+    before = _tree(tmp_path)
+    assert main(["candidates-report", str(folder), "--out", str(tmp_path / "report")]) == 2
+    err = _one_line(capsys)
+    assert f"{paths['i2t_parquet']}: column {column!r}" in err and found in err, err
+    assert _tree(tmp_path) == before
+
+
+def test_parquet_float64_scores_and_int64_ids_are_fine(tmp_path, cands):
+    paths = write_candidates(tmp_path, "coco", cands, META)
+    _retype(paths["i2t_parquet"], "score", lambda c: c.cast("float64"))
+    _retype(paths["i2t_parquet"], "candidate", lambda c: c.cast("int64"))
+    got = load_candidates(tmp_path, "coco")
+    np.testing.assert_array_equal(got.i2t_scores, cands.i2t_scores)
+
+
+def _with_test_split_like_train(tiny_data, root):
+    """tiny_data with a `test` split holding as many images as `train` (a copy of it)."""
+    import shutil
+
+    data = root / "data"
+    shutil.copytree(tiny_data, data)
+    for f in data.glob("train_*"):
+        shutil.copy(f, data / f.name.replace("train_", "test_", 1))
+    return data
+
+
+def test_candidates_of_another_split_are_refused_by_finetune(ckpt, tiny_data, tmp_path, capsys):
+    """Mined on `test` (as many rows as train, so the row count check passes): finetune
+    names the metadata file, the split recorded and the one it trains on; nothing written."""
+    from cli.main import main
+
+    data = _with_test_split_like_train(tiny_data, tmp_path)
+    cands = tmp_path / "cands"
+    assert main(["mine-candidates", "--quiet", "--checkpoint", str(ckpt), "--data", str(data),
+                 "--split", "test", "--k-i2t", "10", "--k-t2i", "3", "--out", str(cands)]) == 0
+    capsys.readouterr()
+    before = _tree(tmp_path)
+    out = tmp_path / "run"
+    assert main(["finetune", "--quiet", "--model", "vsepp", "--init", str(ckpt), "--data", str(data),
+                 "--candidates", str(cands), "--epochs", "1", "--batch-size", "16",
+                 "--out", str(out)]) == 2
+    err = _one_line(capsys)
+    assert f"{cands / 'candidates_synthetic.json'}: the candidates were mined on split 'test', " \
+           "expected 'train'" in err, err
+    assert _tree(tmp_path) == before and not out.exists()
+
+
+def test_checkpoint_provenance(tmp_path, cands):
+    """The weights' sha256 recorded at mining is compared (a path may move); a set that does
+    not record it (imported from AOQ's release) passes any expectation."""
+    h, other = "ab" * 32, "cd" * 32
+    meta = {"checkpoint_hash": h, "source": {"split": "train", "checkpoint": "artifacts/base/checkpoint"}}
+    paths = write_candidates(tmp_path / "m", "coco", cands, meta)
+    assert load_candidates(tmp_path / "m", split="train", checkpoint_hash=h).meta == meta
+    with pytest.raises(InputError) as ei:
+        load_candidates(tmp_path / "m", split="train", checkpoint_hash=other)
+    assert ei.value.source == str(paths["summary"])
+    assert h in ei.value.problem and other in ei.value.problem and "artifacts/base/checkpoint" in ei.value.problem
+    paths["summary"].unlink()                  # the Parquet metadata says the same
+    with pytest.raises(InputError, match="mined on split 'train', expected 'dev'") as ei:
+        load_candidates(tmp_path / "m", split="dev")
+    assert ei.value.source == str(paths["i2t_parquet"])
+    src = tmp_path / "pub"
+    src.mkdir()
+    np.save(src / "i2t_coco.npy", cands.i2t.astype(np.int64))
+    np.save(src / "t2i_coco.npy", cands.t2i.astype(np.int64))
+    import_candidates(src / "i2t_coco.npy", src / "t2i_coco.npy", tmp_path / "imp", "coco", n_images=20)
+    load_candidates(tmp_path / "imp", split="train", checkpoint_hash=other)   # nothing recorded

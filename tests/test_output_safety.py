@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cli.main import main
-from pipeline.io import STAMP, sweep_stale_temps, written_by
+from pipeline.io import IN_USE, STAMP, sweep_stale_temps, written_by
 
 
 def snapshot(root: Path) -> dict:
@@ -263,11 +263,13 @@ def test_stale_temps_of_dead_runs_are_swept(ckpt, tiny_data, tmp_path, capsys):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         stale = [tmp_path / f".emb.~{dead}~abc.tmp", out / f".img_embs.npy.~{dead}~x1.tmp"]
-        stale[0].mkdir()
+        stale[0].mkdir()                        # a build folder as atomic_dir leaves it
+        _mark(stale[0], "embed", dead)
         (stale[0] / "img_embs.npy").write_bytes(b"partial")
         stale[1].write_bytes(b"partial")
         busy = tmp_path / f".emb.~{live.pid}~def.tmp"
         busy.mkdir()
+        _mark(busy, "embed", live.pid)
         theirs = tmp_path / ".emb.old"          # not named by this tool's rule: never touched
         theirs.write_text("x")
         assert main(argv) == 0
@@ -277,6 +279,74 @@ def test_stale_temps_of_dead_runs_are_swept(ckpt, tiny_data, tmp_path, capsys):
         live.kill()
         live.wait()
     assert sweep_stale_temps(tmp_path) == 1 and not busy.exists()
+
+
+def _mark(folder: Path, owner: str, pid: int, host: str | None = None, start=None) -> None:
+    """An in-use marker as pipeline.io.mark_in_use writes it, for another process."""
+    import json
+    import socket
+
+    (folder / IN_USE).write_text(json.dumps({"written_by": f"itm-pipeline {owner}", "pid": pid,
+                                             "host": host or socket.gethostname(),
+                                             "start": start}) + "\n")
+
+
+_BUILDER = """
+import sys, time
+from pathlib import Path
+from pipeline.io import atomic_dir
+with atomic_dir(sys.argv[1], "mine-candidates") as tmp:   # as mine-candidates builds its output
+    scratch = tmp / ".mine-scratch-abc"
+    scratch.mkdir()
+    (scratch / "i2t_ids-1.npy").write_bytes(b"partial")
+    print(tmp, flush=True)
+    time.sleep(60)
+"""
+
+
+def _builder(out: Path) -> tuple[subprocess.Popen, Path]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.Popen([sys.executable, "-c", _BUILDER, str(out)], env=env,
+                         stdout=subprocess.PIPE, text=True)
+    return p, Path(p.stdout.readline().strip())
+
+
+def test_killed_mine_candidates_scratch_is_swept_only_when_ours_and_gone(mined, tmp_path, capsys):
+    """A SIGKILLed mine-candidates leaves its build folder (with the .mine-scratch-* memmaps)
+    beside the output; the next run into that output removes it. Kept: a live run's, one
+    another host wrote (its pid means nothing here), and folders of similar names without
+    the tool's marker; a marker whose pid now belongs to another process does not hold."""
+    import shutil as sh
+
+    out = tmp_path / "cands"
+    argv = _commands(None, None, mined, out)["mine-candidates"]
+    live, busy = _builder(out)
+    killed, stale = _builder(out)                  # its sweep on entry leaves `busy` alone
+    killed.kill()
+    killed.wait()
+    assert busy.exists() and (stale / ".mine-scratch-abc" / "i2t_ids-1.npy").exists()
+    assert (stale / IN_USE).exists()
+    try:
+        elsewhere = tmp_path / f".cands.~{killed.pid}~host.tmp"    # a run on another host
+        sh.copytree(stale, elsewhere)
+        _mark(elsewhere, "mine-candidates", killed.pid, host="another-host")
+        reused = tmp_path / f".cands.~{live.pid}~reused.tmp"       # its pid now someone else's
+        sh.copytree(stale, reused)
+        _mark(reused, "mine-candidates", live.pid, start=1)
+        foreign = tmp_path / f".cands.~{killed.pid}~notes.tmp"     # the user's: no marker
+        foreign.mkdir()
+        (foreign / "notes.txt").write_text("mine\n")
+        (tmp_path / ".mine-scratch-mine").mkdir()                  # the user's, similar name
+        assert main(argv) == 0, capsys.readouterr().err
+        assert not stale.exists() and not reused.exists()
+        assert busy.exists() and elsewhere.exists() and (foreign / "notes.txt").read_text() == "mine\n"
+        assert (tmp_path / ".mine-scratch-mine").is_dir()
+        assert not (out / IN_USE).exists() and written_by(out) == "itm-pipeline mine-candidates"
+    finally:
+        live.kill()
+        live.wait()
+    assert main(argv) == 0, capsys.readouterr().err       # now the live one is gone too
+    assert not busy.exists() and elsewhere.exists() and foreign.exists()
 
 
 def _group_members(pgid: int) -> list[int]:

@@ -14,7 +14,8 @@ One candidate set ``<name>`` in a folder is five files:
 * ``candidates_<name>.json``  a summary: meta, shapes, score statistics, file names.
 
 A set is written all-or-nothing and validated on every load (shapes, dtype, id ranges,
-absent positives, no duplicates, K within the gallery, scores finite and non-increasing).
+absent positives, no duplicates, K within the gallery, scores finite and non-increasing,
+Parquet column types, and the split and model the metadata says it was mined with).
 Every problem is an :class:`InputError` naming the offending file and, for row-level
 problems, the first bad row. Large .npy files are memory-mapped and checked in chunks.
 """
@@ -42,6 +43,7 @@ SAMPLE_ROWS = 1000                  # rows checked by check="sample", evenly spa
 _CHUNK_BYTES = 32 << 20             # full checks read this much of an array at a time
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
+_ID_COLUMNS = ("query", "rank", "candidate")
 _PARQUET_SCHEMA = pa.schema([
     pa.field("query", pa.int32(), nullable=False),
     pa.field("rank", pa.int32(), nullable=False),
@@ -409,6 +411,34 @@ def _infer_name(folder: Path) -> str:
     raise InputError(folder, f"several candidate sets ({', '.join(both)}): pass the name of the one to use")
 
 
+def _check_parquet_types(pf: pq.ParquetFile, path: Path) -> None:
+    """Ids integer (any width: compared with the .npy ids), scores floating (or all-null):
+    numpy would otherwise read "0.5" strings as scores and 3.0 floats as ids. Nulls in an id
+    column are refused from the row groups' statistics (the full check also counts them)."""
+    schema = pf.schema_arrow
+    for name in (*_ID_COLUMNS, "score"):
+        if schema.names.count(name) > 1:
+            raise InputError(path, f"column {name!r} appears {schema.names.count(name)} times")
+        t = schema.field(name).type
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        if name == "score":
+            if not (pa.types.is_floating(t) or pa.types.is_null(t)):
+                raise InputError(path, f"column 'score' has type {t}, expected a floating-point "
+                                       "type (float32)")
+        elif not pa.types.is_integer(t):
+            raise InputError(path, f"column {name!r} has type {t}, expected an integer type (int32)")
+    md = pf.metadata
+    leaf = {md.schema.column(i).path: i for i in range(md.num_columns)}
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        for name in _ID_COLUMNS:
+            st = rg.column(leaf[name]).statistics
+            if st is not None and st.has_null_count and st.null_count:
+                raise InputError(path, f"column {name!r} is null in {st.null_count} rows of row "
+                                       f"group {g}: candidate ids may not be null")
+
+
 def _read_parquet(path: Path, ids: np.ndarray, direction: str, check: str) -> np.ndarray | None:
     """Scores (N, K) float32 from a Parquet candidate file, or None when its score column is null.
 
@@ -425,11 +455,15 @@ def _read_parquet(path: Path, ids: np.ndarray, direction: str, check: str) -> np
         missing = [c for c in ("query", "rank", "candidate", "score") if c not in names]
         if missing:
             raise InputError(path, f"missing column(s) {', '.join(missing)}")
+        _check_parquet_types(pf, path)
         kv = pf.metadata.metadata or {}
         try:
             fmeta = json.loads(kv[METADATA_KEY]) if METADATA_KEY in kv else {}
         except ValueError:
             raise InputError(path, f"metadata {METADATA_KEY.decode()!r} is not valid JSON") from None
+        if not isinstance(fmeta, dict):
+            raise InputError(path, f"metadata {METADATA_KEY.decode()!r} is a {type(fmeta).__name__}, "
+                                   "expected an object")
         if fmeta.get("direction", direction) != direction:
             raise InputError(path, f"holds {fmeta['direction']} candidates, expected {direction}")
         if pf.metadata.num_rows != n * k or fmeta.get("k", k) != k or fmeta.get("n_queries", n) != n:
@@ -450,7 +484,11 @@ def _read_parquet(path: Path, ids: np.ndarray, direction: str, check: str) -> np
                 if sc.null_count == 0:
                     out[pos:pos + m] = sc.to_numpy(zero_copy_only=False)
                 if check == "full":
-                    cand = batch.column(batch.schema.get_field_index("candidate")).to_numpy(zero_copy_only=False)
+                    cand = batch.column(batch.schema.get_field_index("candidate"))
+                    if cand.null_count:       # where the file's statistics did not say so
+                        raise InputError(path, f"column 'candidate' is null in {cand.null_count} "
+                                               "rows: candidate ids may not be null")
+                    cand = cand.to_numpy(zero_copy_only=False)
                     want = (flat_ids[pos:pos + m] if flat_ids is not None
                             else np.asarray(ids).reshape(-1)[pos:pos + m])
                     diff = _first(cand != want)
@@ -469,13 +507,56 @@ def _read_parquet(path: Path, ids: np.ndarray, direction: str, check: str) -> np
     return out.reshape(n, k)
 
 
+def check_provenance(meta: dict, source, *, split: str | None = None,
+                     checkpoint_hash: str | None = None) -> None:
+    """Refuse candidates whose metadata says they were mined on another split, or from the
+    embeddings of another model, than the reader expects; one line naming `source` (the file
+    holding the metadata), the recorded value and the expected one.
+
+    What `mine-candidates` records: ``source.split`` (the embeddings' split) and
+    ``checkpoint_hash``, the sha256 of the checkpoint's weights file
+    (:func:`pipeline.checkpoint.checkpoint_hash`, copied from embeddings.json). The hash is
+    compared, not ``source.checkpoint``: a path moves with a copy or a DVC checkout, the
+    weights' digest does not. A value not recorded (files imported from AOQ's release, a
+    candidate refresh, embeddings without embeddings.json) is not checked.
+    """
+    src = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    got = src.get("split")
+    if split is not None and got is not None and got != split:
+        raise InputError(source, f"the candidates were mined on split {got!r}, expected {split!r}: "
+                                 f"mine them on the {split!r} split")
+    got = meta.get("checkpoint_hash")
+    if checkpoint_hash is not None and got is not None and got != checkpoint_hash:
+        where = f" ({src['checkpoint']})" if src.get("checkpoint") else ""
+        raise InputError(source, f"the candidates were mined with the checkpoint of weights sha256 "
+                                 f"{got}{where}, expected {checkpoint_hash}")
+
+
+def _summary_meta(path: Path):
+    try:
+        summary = json.loads(path.read_text())
+    except (ValueError, OSError):
+        raise InputError(path, "not a valid JSON summary") from None
+    return summary.get("meta", {}) if isinstance(summary, dict) else {}
+
+
+def _checked_meta(meta, source, split, checkpoint_hash) -> dict:
+    if not isinstance(meta, dict):
+        raise InputError(source, f"the candidates' metadata is a {type(meta).__name__}, expected an object")
+    check_provenance(meta, source, split=split, checkpoint_hash=checkpoint_hash)
+    return meta
+
+
 def load_candidates(path, name: str | None = None, *, n_images: int | None = None, mmap: bool = True,
-                    check: str = "full") -> Candidates:
+                    check: str = "full", split: str | None = None,
+                    checkpoint_hash: str | None = None) -> Candidates:
     """Load and validate candidate set `name` (inferred when the folder holds exactly one) from a folder.
 
     The ids come from the AOQ .npy pair (memory-mapped unless mmap=False); scores from the
     Parquet files when present and non-null, else None; meta from the summary JSON (else
-    the Parquet metadata, else {}). `n_images`: the training split's image count to check.
+    the Parquet metadata, else {}). `n_images`: the training split's image count to check;
+    `split` / `checkpoint_hash`: what the metadata must record, when it records them
+    (:func:`check_provenance`).
     """
     if check not in CHECK_MODES:
         raise InputError("check", f"must be one of {', '.join(CHECK_MODES)}, got {check!r}")
@@ -487,6 +568,9 @@ def load_candidates(path, name: str | None = None, *, n_images: int | None = Non
     paths = candidate_paths(folder, name)
     i2t = open_npy(paths["i2t_npy"], mmap=mmap)
     t2i = open_npy(paths["t2i_npy"], mmap=mmap)
+    meta = None
+    if paths["summary"].is_file():      # checked before the scans: a wrong split fails at once
+        meta = _checked_meta(_summary_meta(paths["summary"]), paths["summary"], split, checkpoint_hash)
     # the ids first, so that a Parquet file is not blamed for a bad .npy file
     validate_candidates(Candidates(i2t, t2i), n_images=n_images, source_i2t=paths["i2t_npy"],
                         source_t2i=paths["t2i_npy"], check=check)
@@ -494,22 +578,15 @@ def load_candidates(path, name: str | None = None, *, n_images: int | None = Non
     for d, ids in (("i2t", i2t), ("t2i", t2i)):
         p = paths[f"{d}_parquet"]
         scores[d] = _read_parquet(p, ids, d, check) if p.is_file() else None
-
-    meta: dict = {}
-    if paths["summary"].is_file():
-        try:
-            summary = json.loads(paths["summary"].read_text())
-            meta = summary.get("meta", {}) if isinstance(summary, dict) else {}
-        except (ValueError, OSError):
-            raise InputError(paths["summary"], "not a valid JSON summary") from None
-    elif paths["i2t_parquet"].is_file():
+    if meta is None and paths["i2t_parquet"].is_file():     # read (and checked) by _read_parquet
         kv = pq.read_metadata(str(paths["i2t_parquet"])).metadata or {}
-        if METADATA_KEY in kv:
-            meta = json.loads(kv[METADATA_KEY])
-            for key in ("direction", "k", "n_queries", "format_version"):
-                meta.pop(key, None)
+        meta = json.loads(kv[METADATA_KEY]) if METADATA_KEY in kv else {}
+        for key in ("direction", "k", "n_queries", "format_version"):
+            meta.pop(key, None)
+        meta = _checked_meta(meta, paths["i2t_parquet"], split, checkpoint_hash)
 
-    c = Candidates(i2t=i2t, t2i=t2i, i2t_scores=scores["i2t"], t2i_scores=scores["t2i"], meta=meta)
+    c = Candidates(i2t=i2t, t2i=t2i, i2t_scores=scores["i2t"], t2i_scores=scores["t2i"],
+                   meta=meta or {})
     _validate(c, n_images, paths["i2t_npy"], paths["t2i_npy"], paths["i2t_parquet"], paths["t2i_parquet"],
               check_ids="none", check_scores=check)
     return c
