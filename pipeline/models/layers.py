@@ -1,6 +1,7 @@
 """Small building blocks shared by the model families.
 
-- `l2norm`: row normalisation with the references' epsilon convention (added to the norm).
+- `l2norm`: row normalisation with the references' epsilon convention (added to the norm);
+  `l2norm_valid`: the same on the valid rows of a padded sequence, zero rows at padding.
 - `length_mask`: (B, L) validity mask from lengths.
 - `MLP`: Linear layers with BatchNorm1d + ReLU between them (VSE∞'s "basic" region MLP).
 - `apply_to_valid`: run a row-wise module on the valid rows of a padded (B, L, F) tensor
@@ -21,6 +22,14 @@ from pipeline.models.ghost_bn import SegmentBatchNorm1d, bn_segments, current_se
 def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
     """x / (||x|| + eps) along `dim`."""
     return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
+
+
+def l2norm_valid(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """l2norm of the rows of x (B, L, D) where mask (B, L) is True, zero rows elsewhere.
+    Padding rows are never normalised: the norm of a zero row has an infinite derivative
+    (0 * inf = NaN gradients, although no score reads that row)."""
+    m = mask.unsqueeze(-1)
+    return torch.where(m, l2norm(torch.where(m, x, torch.ones_like(x)), eps=eps), torch.zeros_like(x))
 
 
 def length_mask(lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ def reverse_within_length(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tenso
 
 
 class GRUTextEncoder(nn.Module):
-    """Embedding(vocab, word_dim) -> (Bi)GRU(word_dim -> hidden_size).
+    """Embedding(vocab, word_dim) -> Dropout(`dropout`, default 0) -> (Bi)GRU(word_dim -> hidden_size).
 
     `forward` returns the per-token states (B, max_len, hidden_size), the two directions
     averaged when bidirectional, and the last state of the top layer (B, hidden_size):
@@ -33,12 +33,14 @@ class GRUTextEncoder(nn.Module):
     """
 
     def __init__(self, vocab_size: int, word_dim: int, hidden_size: int, num_layers: int = 1,
-                 bidirectional: bool = False):
+                 bidirectional: bool = False, dropout: float = 0.0):
         super().__init__()
         self.hidden_size = int(hidden_size)
         self.bidirectional = bool(bidirectional)
         self.num_layers = int(num_layers)
         self.embed = nn.Embedding(int(vocab_size), int(word_dim))
+        # SGRAF's word dropout; Identity at 0 so that the other models draw no random numbers
+        self.embed_dropout = nn.Dropout(float(dropout)) if dropout else nn.Identity()
         dirs = 2 if self.bidirectional else 1
         self.fwd = nn.ModuleList()
         self.bwd = nn.ModuleList()
@@ -55,7 +57,7 @@ class GRUTextEncoder(nn.Module):
         max_len = int(lengths.max())
         if max_len > tokens.size(1):
             raise ValueError(f"a caption length ({max_len}) exceeds the token axis ({tokens.size(1)})")
-        x = self.embed(tokens[:, :max_len])
+        x = self.embed_dropout(self.embed(tokens[:, :max_len]))
         last_pos = (lengths - 1).view(-1, 1, 1).expand(-1, 1, self.hidden_size)
         for layer in range(self.num_layers):
             out_f, _ = self.fwd[layer](x)
