@@ -1,9 +1,11 @@
 """Candidate-mining benchmark: every backend on the same embeddings and K, in one run.
 
 Measures, on this machine and in this run:
-- the machine's own fp32 and bf16 GEMM rates (torch.matmul of the tile shape the torch
-  backend uses), so every figure is reported as a share of the measured bf16 rate;
-- our torch backend (one tiled pass, both directions, exact);
+- the machine's own fp32, fp16 and bf16 GEMM rates (torch.matmul of the tile shape the
+  torch backend uses), so every figure is reported as a share of the measured bf16 rate;
+- our torch backend (one tiled pass, both directions, exact) in each precision asked for
+  (default: auto, fp32, fp16, bf16), with what ``auto`` chose, from which probe rates and
+  predicted costs, and whether that is the fastest explicit precision of the run;
 - our faiss backend (IndexFlatIP, one search per direction, exact);
 - the reference scheme (AOQ's tools: one query at a time, GEMV + top-k), timed on a sample
   of queries and extrapolated to all of them;
@@ -17,6 +19,7 @@ Measures, on this machine and in this run:
 Usage:
     python benchmarks/mining.py                         # 20,000 x 100,000 x 1024, K 2000/400
     python benchmarks/mining.py --n-img 4000 --dim 256  # quicker
+    python benchmarks/mining.py --n-img 10000 --backends torch   # the precision check only
 Effective rate = 2 * N_img * N_cap * D / seconds (the one score matrix both directions share).
 """
 from __future__ import annotations
@@ -64,19 +67,25 @@ def make_embeddings(n_img: int, dim: int, seed: int, folder: Path) -> tuple[Path
     return ip, cp
 
 
-def gemm_rates(dim: int, rows: int = 4096, cols: int = 8192, reps: int = 5) -> dict:
+def gemm_rates(dim: int, rows: int = 4096, cols: int = 8192, reps: int = 5,
+               budget: float = 6.0) -> dict:
+    """GFLOP/s of one rows x cols x dim GEMM per precision (best of up to `reps` after a
+    warm-up; a slow precision stops after `budget` seconds, at least one timed run)."""
     import torch
 
     out = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
         a = torch.randn(rows, dim).to(dtype)
         b = torch.randn(cols, dim).to(dtype)
         a @ b.t()
-        best = float("inf")
+        best, spent = float("inf"), 0.0
         for _ in range(reps):
             t = time.perf_counter()
             a @ b.t()
-            best = min(best, time.perf_counter() - t)
+            dt = time.perf_counter() - t
+            best, spent = min(best, dt), spent + dt
+            if spent > budget:
+                break
         out[name] = 2.0 * rows * cols * dim / best / 1e9
     return out
 
@@ -147,11 +156,14 @@ def run_backend(backend: str, img_path: str, cap_path: str, k_i2t: int, k_t2i: i
         raise SystemExit(f"unknown backend {backend}")
     seconds = time.perf_counter() - t
     peak_private = mem.close()
-    np.save(Path(img_path).with_name(f"ids_{backend}_{n_img}_i2t.npy"), res.i2t)
-    np.save(Path(img_path).with_name(f"ids_{backend}_{n_img}_t2i.npy"), res.t2i)
+    tag = f"{backend}-{precision}" if backend.startswith("torch") else backend
+    np.save(Path(img_path).with_name(f"ids_{tag}_{n_img}_i2t.npy"), res.i2t)
+    np.save(Path(img_path).with_name(f"ids_{tag}_{n_img}_t2i.npy"), res.t2i)
     shutil.rmtree(scratch)
+    parts = {k: v for k, v in res.stats.items() if k.startswith("seconds_") or k == "keyed"}
     return {"seconds": seconds, "n_img": n_img, "n_cap": n_cap,
             "threads": torch.get_num_threads(), "precision": res.stats.get("precision"),
+            "precision_choice": res.stats.get("precision_choice"), "parts": parts,
             "peak_private_gb": peak_private / 1e9}
 
 
@@ -204,9 +216,10 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="torch,torch-in-memory,faiss,reference")
     ap.add_argument("--memory-sizes", default="", help="extra n_img values for the torch memory check")
     ap.add_argument("--sample", type=int, default=200, help="queries per direction for the reference")
-    ap.add_argument("--precision", default="auto",
-                    help="GEMM precision of the torch backend: auto (the cheapest here), "
-                         "fp32, bf16, fp16")
+    ap.add_argument("--precision", default="auto,fp32,fp16,bf16",
+                    help="GEMM precision(s) of the torch backend, comma-separated: auto (the "
+                         "cheapest predicted here), fp32, bf16, fp16; torch-in-memory and "
+                         "--memory-sizes use the first")
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -230,29 +243,37 @@ def main(argv=None) -> int:
     print(f"size: {n_img} x {n_cap} x {dim}, K {args.k_i2t}/{args.k_t2i}")
     img_path, cap_path = make_embeddings(n_img, dim, args.seed, tmp)
     rates = gemm_rates(dim)
-    print(f"GEMM (4096 x 8192 x {dim}): fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s")
+    print(f"GEMM (4096 x 8192 x {dim}): " + ", ".join(f"{p} {r:.0f} GFLOP/s" for p, r in rates.items()))
+    precisions = [p for p in args.precision.split(",") if p]
 
     rows = []
     results = {}
     for backend in [b for b in args.backends.split(",") if b]:
-        r = in_subprocess(backend, img_path, cap_path, args.k_i2t, args.k_t2i, args.sample,
-                          args.precision)
-        results[backend] = r
-        rate = flop / r["seconds"] / 1e9
-        rows.append((backend, r["seconds"], rate, rate / rates["bf16"], r["peak_private_gb"],
-                     r["peak_rss_gb"], coco_flop / (rate * 1e9) / 60))
-        prec = f" ({r['precision']})" if r.get("precision") else ""
-        print(f"  {backend}{prec}: {r['seconds']:.1f} s", flush=True)
+        for prec in (precisions if backend == "torch" else precisions[:1]):
+            r = in_subprocess(backend, img_path, cap_path, args.k_i2t, args.k_t2i, args.sample,
+                              prec)
+            name = f"{backend} ({prec})" if backend.startswith("torch") else backend
+            if prec == "auto" and r.get("precision"):
+                name = f"{backend} (auto -> {r['precision']})"
+            results[name] = r
+            if backend == "torch":
+                results.setdefault("torch", r)
+            rate = flop / r["seconds"] / 1e9
+            rows.append((name, r["seconds"], rate, rate / rates["bf16"], r["peak_private_gb"],
+                         r["peak_rss_gb"], coco_flop / (rate * 1e9) / 60))
+            print(f"  {name}: {r['seconds']:.1f} s", flush=True)
     for size in [int(x) for x in args.memory_sizes.split(",") if x]:
         ip, cp = make_embeddings(size, dim, args.seed + 1, tmp)
-        r = in_subprocess("torch", ip, cp, args.k_i2t, args.k_t2i, args.sample, args.precision)
+        r = in_subprocess("torch", ip, cp, args.k_i2t, args.k_t2i, args.sample, precisions[0])
         rate = 2.0 * size * 5 * size * dim / r["seconds"] / 1e9
-        rows.append((f"torch @ {size} images", r["seconds"], rate, rate / rates["bf16"],
-                     r["peak_private_gb"], r["peak_rss_gb"], None))
+        rows.append((f"torch ({r['precision']}) @ {size} images", r["seconds"], rate,
+                     rate / rates["bf16"], r["peak_private_gb"], r["peak_rss_gb"], None))
+    ids = sorted(tmp.glob(f"ids_*_{n_img}_i2t.npy"))
     same = None
-    if "torch" in results and "faiss" in results:
-        same = all(np.array_equal(np.load(tmp / f"ids_torch_{n_img}_{d}.npy"),
-                                  np.load(tmp / f"ids_faiss_{n_img}_{d}.npy")) for d in ("i2t", "t2i"))
+    if len(ids) > 1:      # every backend and precision gives the same ids (all exact)
+        def load(f, d):
+            return np.load(f.with_name(f.name.replace("_i2t.npy", f"_{d}.npy")))
+        same = all(np.array_equal(load(ids[0], d), load(f, d)) for f in ids[1:] for d in ("i2t", "t2i"))
 
     print()
     print("| backend | seconds | effective GFLOP/s | share of bf16 GEMM | peak private memory (GB) "
@@ -261,16 +282,55 @@ def main(argv=None) -> int:
     for name, sec, rate, share, private, rss, coco in rows:
         coco_s = f"{coco:.1f}" if coco is not None else ""
         print(f"| {name} | {sec:.1f} | {rate:.0f} | {share:.0%} | {private:.2f} | {rss:.2f} | {coco_s} |")
-    print(f"| (bf16 GEMM alone, this run) | {flop / rates['bf16'] / 1e9:.1f} | {rates['bf16']:.0f} "
-          f"| 100% | | | {coco_flop / rates['bf16'] / 1e9 / 60:.1f} |")
+    for p in ("bf16", "fp16", "fp32"):
+        print(f"| ({p} GEMM alone, this run) | {flop / rates[p] / 1e9:.1f} | {rates[p]:.0f} "
+              f"| {rates[p] / rates['bf16']:.0%} | | | {coco_flop / rates[p] / 1e9 / 60:.1f} |")
     if same is not None:
-        print(f"\ntorch ids == faiss IndexFlatIP ids (both directions): {same}")
+        print(f"\nsame ids from every backend and precision (both directions): {same}")
     if "torch" in results and "faiss" in results:
         print(f"torch speed-up over faiss: {results['faiss']['seconds'] / results['torch']['seconds']:.2f}x")
+    check = auto_check(results, rates)
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "gemm": rates, "rows": rows,
-                                               "same_ids": same}, indent=2))
+                                               "same_ids": same, "auto": check,
+                                               "results": results}, indent=2))
     return 0
+
+
+def auto_check(results: dict, rates: dict) -> dict | None:
+    """What `auto` chose and why, against the fastest explicit precision of this run."""
+    auto = next((r for n, r in results.items() if n.startswith("torch (auto")), None)
+    explicit = {n[len("torch ("):-1]: r for n, r in results.items()
+                if n.startswith("torch (") and not n.startswith("torch (auto")}
+    if auto is None:
+        return None
+    choice = auto.get("precision_choice") or {}
+    print(f"\nauto chose {auto['precision']}: {choice.get('reason', '')}")
+    probe = choice.get("rates")
+    if probe:
+        g = probe["gemm_gflops"]
+        print("  probe ({:.2f} s): GEMM ".format(probe["probe_seconds"])
+              + ", ".join(f"{p} {g[p]:.0f} GFLOP/s ({probe['gemm_rows'][p]} x {probe['gemm_cols']})"
+                          for p in g)
+              + f"; f64 {probe['f64_gflops']:.0f} GFLOP/s; key {probe['key_ns']:.0f} ns, "
+                f"extract {probe['extract_ns']:.0f} ns, keep {probe.get('keep_ns', 0):.0f} ns per keyed entry; "
+                f"rounding the inputs {probe.get('convert_ns', {}).get('bf16', 0):.0f} ns per element (bf16)")
+        print("  | precision | band share | predicted s (GEMM + keys + fixed) | measured s "
+              "| measured GEMM + keys s |")
+        print("  |---|---:|---:|---:|---:|")
+        for p, pr in choice["predicted_seconds"].items():
+            m = explicit.get(p)
+            meas = f"{m['seconds']:.1f}" if m else ""
+            parts = f"{m['parts'].get('seconds_gemm', 0):.1f} + {m['parts'].get('seconds_keys', 0):.1f}" if m else ""
+            print(f"  | {p} | {choice['shares'][p]:.4f} | {pr['total']:.1f} ({pr['gemm']:.1f} + "
+                  f"{pr['keys']:.1f} + {pr['fixed']:.1f}) | {meas} | {parts} |")
+    out = {"chosen": auto["precision"], "choice": choice, "gemm_rates": rates}
+    if explicit:
+        fastest = min(explicit, key=lambda p: explicit[p]["seconds"])
+        out.update(fastest=fastest, match=fastest == auto["precision"])
+        print(f"fastest explicit precision this run: {fastest} "
+              f"({explicit[fastest]['seconds']:.1f} s); auto's choice matches: {out['match']}")
+    return out
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 from pipeline.errors import InputError
 from pipeline.mining import (canonical_dot, canonical_matrix, lowp_error_bound, mine_faiss,
                              mine_reference, mine_torch, recall)
-from pipeline.mining.knn_torch import bound, selection, tiled_pass
+from pipeline.mining.knn_torch import bound, mine_torch_block, selection, tiled_pass
 from pipeline.mining.reference import rescore_delta, rescore_topk
 
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -351,21 +351,148 @@ def test_memmap_inputs_contiguous_outputs_threads_restored(tmp_path):
     assert all(getattr(res, f).flags.c_contiguous for f in FIELDS)
 
 
-def test_auto_precision_weighs_the_band(monkeypatch):
-    """'auto' takes a lower precision only when its GEMM is faster by more than the extra
-    keying its band costs (fp16 1.5x, bf16 3x)."""
-    def pick(cost):
-        clock = [0.0]
-        def tile_mm(a, b):
-            clock[0] += cost[a.dtype]
-            return a.float() @ b.float().T
-        monkeypatch.setattr(bound, "_tile_mm", tile_mm)
-        monkeypatch.setattr(bound.time, "perf_counter", lambda: clock[0])
-        return bound._pick_precision(16, torch.device("cpu"))
-    f32, f16, b16 = torch.float32, torch.float16, torch.bfloat16
-    assert pick({f32: 1.0, f16: 0.8, b16: 0.5}) == "fp32"
-    assert pick({f32: 1.0, f16: 0.5, b16: 0.5}) == "fp16"
-    assert pick({f32: 1.0, f16: 0.9, b16: 0.25}) == "bf16"
+# Rates of a CPU where bf16 wins (AMD EPYC Zen 4, issue 19: bf16 244, fp32 53 GFLOP/s)
+ZEN4 = {"gemm_gflops": {"fp32": 53.0, "fp16": 30.0, "bf16": 244.0}, "f64_gflops": 25.0,
+        "key_ns": 300.0, "extract_ns": 30.0, "scan_ns": 1.0, "copy_ns": 1.0}
+
+
+def test_cost_model_takes_the_lowest_predicted_cost():
+    """The choice is the argmin of the predicted pass cost, whatever the rates; a faster GEMM
+    lowers only its own precision's cost, a wider band only raises the keys."""
+    img, cap = random_pair(200, 64, seed=91)
+    cpu = torch.device("cpu")
+    for gemm in ({"fp32": 53, "fp16": 30, "bf16": 244}, {"fp32": 120, "fp16": 20, "bf16": 17},
+                 {"fp32": 50, "fp16": 400, "bf16": 410}, {"fp32": 100, "fp16": 100, "bf16": 100}):
+        rates = {**ZEN4, "gemm_gflops": gemm}
+        p, rec = bound._pick_precision(64, cpu, img=img, cap=cap, k_i2t=50, k_t2i=10,
+                                       rates=rates)
+        pred = rec["predicted_seconds"]
+        assert p == rec["chosen"] == min(pred, key=lambda q: pred[q]["total"])
+        assert rec["rates"] == rates and p in rec["reason"]
+    # equal GEMM rates: the narrowest band is never worse
+    assert p == "fp32"
+    sh = rec["shares"]
+    assert sh["fp32"] <= sh["fp16"] <= sh["bf16"]
+    assert pred["fp32"]["keys"] <= pred["fp16"]["keys"] <= pred["bf16"]["keys"]
+
+
+def test_cost_model_bf16_when_its_gemm_is_much_faster_and_the_band_narrow():
+    img, cap = random_pair(400, 256, seed=92)
+    p, rec = bound._pick_precision(256, torch.device("cpu"), img=img, cap=cap, k_i2t=40,
+                                   k_t2i=8, rates=ZEN4)
+    assert p == "bf16", rec["reason"]
+    assert rec["shares_source"] == "data"
+    pred = rec["predicted_seconds"]
+    # the extra keys of its band cost less than its GEMM saves
+    assert 0 < pred["bf16"]["keys"] - pred["fp32"]["keys"] < pred["fp32"]["gemm"] - pred["bf16"]["gemm"]
+
+
+@pytest.mark.parametrize("why", ["dense scores", "large K"])
+def test_cost_model_fp32_when_the_band_costs_more_than_the_gemm_saves(why):
+    """The keys of the wider band outweigh bf16's faster GEMM: scores packed within the bf16
+    band (every vector a perturbation of one base), or a K (5.5% of the gallery) whose bf16
+    band tips the tiles over DENSE_SHARE into dense float64 keying, on a slow float64 GEMM."""
+    if why == "dense scores":
+        img, cap = perturbed(400, 256, seed=93, sigma=0.03)
+        k1, k2, rates = 40, 8, ZEN4
+    else:
+        img, cap = random_pair(400, 256, seed=94)
+        k1, k2, rates = 110, 22, {**ZEN4, "f64_gflops": 5.0}
+    p, rec = bound._pick_precision(256, torch.device("cpu"), img=img, cap=cap, k_i2t=k1,
+                                   k_t2i=k2, rates=rates)
+    assert p == "fp32", rec["reason"]
+    sh, pred = rec["shares"], rec["predicted_seconds"]
+    assert sh["bf16"] > sh["fp32"]
+    assert pred["bf16"]["keys"] - pred["fp32"]["keys"] > pred["fp32"]["gemm"] - pred["bf16"]["gemm"]
+    if why == "large K":
+        limit = tiled_pass.DENSE_SHARE / bound.EARLY_FLOORS
+        assert sh["fp32"] < limit < sh["bf16"]
+
+
+# Rates and band shares of a CPU with AMX (Intel Xeon, 2026-12-04, benchmarks/mining.py
+# --n-img 10000): bf16 GEMM 5.4x fp32's, yet the fp32 pass was faster (11.7 s vs 14.6 s)
+AMX = {"gemm_gflops": {"fp32": 330.0, "fp16": 286.0, "bf16": 1782.0}, "f64_gflops": 135.0,
+       "key_ns": 152.0, "extract_ns": 18.0, "keep_ns": 88.0, "scan_ns": 0.53, "copy_ns": 0.73,
+       "convert_ns": {"fp32": 0.0, "fp16": 11.0, "bf16": 20.0}}
+AMX_SHARES = {"fp32": 0.0447, "fp16": 0.0469, "bf16": 0.0645}
+
+
+def test_cost_model_fp32_on_the_amx_run_where_fp32_was_faster():
+    """Measured: the survivors' keys and insertions (~260 ns each) of bf16's 46% more
+    survivors outweighed its GEMM saving; the model must see it from the same rates."""
+    pred = bound.predict_pass_seconds(AMX, AMX_SHARES, 10000, 50000, 1024, 4096, 8192)
+    assert min(pred, key=lambda q: pred[q]["total"]) == "fp32"
+    # measured 11.7 (fp32) and 14.6 s (bf16); what every precision pays alike (the filter's
+    # compares, the final ordering: ~2.5 s) is left out of the model
+    assert 0.6 < pred["fp32"]["total"] / 11.7 < 1.0 and 0.6 < pred["bf16"]["total"] / 14.6 < 1.0
+    assert pred["bf16"]["total"] - pred["fp32"]["total"] > 1.0
+    # without the insertion and rounding costs the same shares would have picked bf16
+    no_keep = {**AMX, "keep_ns": 0.0, "convert_ns": {}}
+    pred0 = bound.predict_pass_seconds(no_keep, AMX_SHARES, 10000, 50000, 1024, 4096, 8192)
+    assert min(pred0, key=lambda q: pred0[q]["total"]) == "bf16"
+
+
+def test_default_shares_without_data():
+    """No data at the call: shares of random unit vectors at K / N = 1%."""
+    sh = bound.default_shares(1024)
+    assert sh["shares"]["fp32"] == pytest.approx(0.01, rel=0.02)
+    assert sh["shares"]["fp32"] < sh["shares"]["fp16"] < sh["shares"]["bf16"] < 0.1
+    p, rec = bound._pick_precision(1024, torch.device("cpu"), rates=ZEN4)
+    assert rec["shares_source"].startswith("default") and p == rec["chosen"]
+
+
+def test_band_shares_of_random_data_match_k():
+    """fp32's band is ~1e-4 wide: its share is about the larger direction's K / N."""
+    img, cap = random_pair(600, 128, seed=95)
+    sh = bound.band_shares(img, cap, 150, 30)
+    assert sh["shares"]["fp32"] == pytest.approx(150 / 2995, rel=0.35)
+    assert sh["band"]["fp32"] < 1e-4 < sh["band"]["fp16"] < sh["band"]["bf16"] < 2e-2
+
+
+@pytest.mark.parametrize("rates, expect", [(ZEN4, "bf16"), (
+    {**ZEN4, "gemm_gflops": {"fp32": 120.0, "fp16": 20.0, "bf16": 17.0}}, "fp32")])
+def test_auto_records_its_choice_and_stays_exact(monkeypatch, rates, expect):
+    """mine_torch / mine_torch_block with 'auto': the choice, the rates it came from and the
+    predicted costs are in the stats, and the answer equals the float64 reference."""
+    monkeypatch.setattr(bound, "measure_rates", lambda d, dev: rates)
+    monkeypatch.setattr(bound, "AUTO_MIN_FLOP", 0.0)
+    img, cap = random_pair(400, 256, seed=96)
+    res = mine_torch(img, cap, 40, 8, precision="auto", row_block=128, col_block=512)
+    st = res.stats
+    assert st["precision"] == expect == st["precision_choice"]["chosen"]
+    ch = st["precision_choice"]
+    assert ch["rates"]["gemm_gflops"] == rates["gemm_gflops"]
+    assert set(ch["predicted_seconds"]) == {"fp32", "fp16", "bf16"}
+    assert set(ch["predicted_seconds"][expect]) == {"gemm", "keys", "fixed", "total"}
+    assert_same(res, reference("random", img, cap, 40, 8))
+    blk = mine_torch_block(img, cap, 100, 300, 40, 8, precision="auto", row_block=128,
+                           col_block=512)
+    assert blk.stats["precision"] == blk.stats["precision_choice"]["chosen"]
+    assert np.array_equal(blk.i2t, res.i2t[100:300])
+
+
+def test_auto_on_a_tiny_pass_takes_fp32_unprobed(monkeypatch):
+    def fail(d, dev):
+        raise AssertionError("probed")
+    monkeypatch.setattr(bound, "measure_rates", fail)
+    img, cap = random_pair(40, 32, seed=97)
+    res = mine_torch(img, cap, 10, 5, precision="auto")
+    assert res.stats["precision"] == "fp32"
+    assert "not probed" in res.stats["precision_choice"]["reason"]
+
+
+def test_measure_rates_is_quick_and_cached():
+    """The probe measures every component of the model on this machine, once per (device, d)."""
+    cpu = torch.device("cpu")
+    bound._RATES.pop(("cpu", 64), None)
+    r = bound.measure_rates(64, cpu)
+    assert bound.measure_rates(64, cpu) is r
+    assert set(r["gemm_gflops"]) == {"fp32", "fp16", "bf16"}
+    assert all(v > 0 for v in r["gemm_gflops"].values())
+    assert r["convert_ns"]["fp32"] == 0 and r["convert_ns"]["bf16"] > 0
+    for key in ("f64_gflops", "key_ns", "extract_ns", "keep_ns", "scan_ns", "copy_ns"):
+        assert r[key] >= 0, key
+    assert r["key_ns"] > 0 and r["probe_seconds"] < 10   # (a loose bound: shared machines)
 
 
 @pytest.mark.parametrize("precision, name", [

@@ -24,7 +24,8 @@ def mine_torch(img, cap, k_i2t: int, k_t2i: int, *, precision: str = "auto",
 
     precision: "bf16" | "fp16" | "fp32" for the GEMM (the answer is exact in every case;
     a lower precision widens the filter band, so more entries need a float64 key), or
-    "auto" (the cheapest on this machine: :func:`_pick_precision`).
+    "auto": the lowest predicted pass cost from this machine's measured rates and the band
+    shares of a sample of this data (:func:`~pipeline.mining.knn_torch.bound._pick_precision`).
     row_block x col_block: the tile; one tile of scores (and its mask) exists at a time.
     buffer_slack: a t2i selection holds up to K + max(16, buffer_slack * K) candidates, an
     i2t one twice that slack, before it is pruned. Memory: the outputs, N_c x the t2i slack
@@ -44,18 +45,26 @@ def mine_torch(img, cap, k_i2t: int, k_t2i: int, *, precision: str = "auto",
     canonical_rounding for keys, canonical_ties for equal keys), refinements, prunes
     (selections over capacity), exact_cuts, rechecked_i2t / rechecked_t2i (queries whose
     speculative floor failed the check, mined again), peak_buffered (candidates held at
-    once, at most), gemm_flop, k_i2t / k_t2i (after capping).
+    once, at most), gemm_flop, k_i2t / k_t2i (after capping). With precision="auto",
+    precision_choice: why -- chosen, reason (one line), rates (``bound.measure_rates``: GFLOP/s
+    per precision, f64_gflops, key_ns / extract_ns per keyed entry, scan_ns, copy_ns,
+    probe_seconds), shares / band per precision (``bound.band_shares``), shares_source,
+    predicted_seconds per precision (gemm, keys, fixed, total).
     """
     t_start = time.perf_counter()
     _check_options(precision, row_block, col_block)
     img32, cap32, k1, k2 = validate_inputs(img, cap, k_i2t, k_t2i)
     n_i, d = img32.shape
     dev = resolve_device(device)
+    choice = None
     if precision == "auto":
-        precision = _pick_precision(d, dev)
+        precision, choice = _pick_precision(d, dev, img=img32, cap=cap32, k_i2t=k1, k_t2i=k2,
+                                            row_block=row_block, col_block=col_block)
     stats: dict = {"backend": "torch", "precision": precision, "device": str(dev),
                    "k_i2t": k1, "k_t2i": k2, "row_block": int(row_block),
                    "col_block": int(col_block)}
+    if choice is not None:
+        stats["precision_choice"] = choice
     if scratch is not None and dev.type != "cpu":
         raise InputError(None, "scratch files serve the CPU pass; on a GPU leave scratch unset")
     i2t, i2t_s, t2i, t2i_s = _mine(img32, cap32, np.arange(n_i), k1, k2, precision=precision,
@@ -115,12 +124,17 @@ def mine_torch_block(img, cap, start: int, stop: int, k_i2t: int, k_t2i: int, *,
                                f"within 0:{n_i}")
     start, stop = int(start), int(stop)
     dev = resolve_device(device)
+    kb = min(k2, stop - start)               # every block image when K_t2i >= its size
+    choice = None
     if precision == "auto":
-        precision = _pick_precision(d, dev)
+        precision, choice = _pick_precision(d, dev, img=img, cap=cap, k_i2t=k1, k_t2i=kb,
+                                            rows=(start, stop), row_block=row_block,
+                                            col_block=col_block)
     stats: dict = {"backend": "torch", "precision": precision, "device": str(dev),
                    "k_i2t": k1, "k_t2i": k2, "row_block": int(row_block),
                    "col_block": int(col_block), "block": (start, stop)}
-    kb = min(k2, stop - start)               # every block image when K_t2i >= its size
+    if choice is not None:
+        stats["precision_choice"] = choice
     i2t, i2t_s, t2i, t2i_s = _mine(img, cap, np.arange(start, stop), k1, kb,
                                    precision=precision, dev=dev, row_block=row_block,
                                    col_block=col_block, progress=False,
