@@ -28,6 +28,7 @@ def cli(threads):
 def _register():
     from cli.candidates_report import candidates_report
     from cli.check_params import check_params
+    from cli.ensemble_command import ensemble
     from cli.evaluate_sims import evaluate_sims
     from cli.finetune_command import finetune
     from cli.import_candidates import import_candidates
@@ -38,7 +39,7 @@ def _register():
 
     for cmd in (prepare_data, validate_data, train, evaluate, embed, mine_candidates, finetune,
                 import_candidates, candidates_report, evaluate_sims, metrics_table, list_models,
-                report, check_params):
+                report, check_params, ensemble):
         cli.add_command(cmd)
 
 

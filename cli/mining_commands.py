@@ -107,13 +107,20 @@ def embed(checkpoint, data_dir, split, out_dir, batch_size, device, block_rows, 
               help="Skip the top R ranks of the mined list.")
 @click.option("--text-filter/--no-text-filter", default=None,
               help="Drop captions that duplicate (normalised text) one of the anchor image's own.")
+@click.option("--rescore", type=click.Path(), default=None,
+              help="Re-score the shortlists with this checkpoint (e.g. a cross-attention model, "
+                   "which cannot be embedded) and keep its top K; needs the split's data.")
+@click.option("--rescore-k", type=click.IntRange(min=1), default=None,
+              help="Shortlist per image for --rescore (per caption: scaled by K t2i / K i2t).  "
+                   "[default: 2 x K i2t]")
 @click.option("--scheduler", default=None, help=SCHEDULER_HELP)
 @click.option("--workers", type=click.IntRange(min=1), default=None, help=WORKERS_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def mine_candidates(img_embs, cap_embs, embeddings_dir, checkpoint, data_dir, split, out_dir, name,
                     k_i2t, k_t2i, backend, precision, index, device, row_block, col_block,
                     batch_size, summary_json, params_file, section, relative_margin,
-                    absolute_margin, range_min, text_filter, scheduler, workers, quiet):
+                    absolute_margin, range_min, text_filter, rescore, rescore_k, scheduler,
+                    workers, quiet):
     """Mine offline hard-negative candidates (AOQ's i2t_/t2i_<name>.npy plus Parquet)."""
     from pipeline.mining.mine import MineConfig
     from stages import mine as stage
@@ -148,6 +155,7 @@ def mine_candidates(img_embs, cap_embs, embeddings_dir, checkpoint, data_dir, sp
         summary_json=pick(summary_json, p, "summary_json"),
         filters=_filters(p.get("filters"), relative_margin, absolute_margin, range_min, text_filter),
         scheduler=pick(scheduler, p, "scheduler"), workers=pick(workers, p, "workers"),
+        rescore=pick(rescore, p, "rescore"), rescore_k=pick(rescore_k, p, "rescore_k"),
         progress=not quiet)
     timings = summary["timings"]      # the precision `auto` picked, seconds: untracked
     write_timings(beside(out_dir), "mine-candidates", timings)
@@ -158,6 +166,14 @@ def mine_candidates(img_embs, cap_embs, embeddings_dir, checkpoint, data_dir, sp
                f"t2i ({summary['n_cap']}, {summary['k_t2i']}) "
                f"[{summary['backend']}{prec}{idx}] in {timings['seconds']:.2f} s, "
                f"{timings['gflops']:.1f} GFLOP/s effective (2*N_img*N_cap*D / s)")
+    if summary.get("rescore"):
+        r = summary["rescore"]
+        click.echo(f"re-scored by {r['model']} ({r['checkpoint']}): shortlists i2t "
+                   f"{r['shortlist']['i2t']}, t2i {r['shortlist']['t2i']} -> K "
+                   f"{summary['k_i2t']} / {summary['k_t2i']}")
+    choice = (timings.get("stats") or {}).get("precision_choice")
+    if choice:
+        click.echo(f"precision auto -> {choice['reason']}")
     capped = [f"{d} {summary[f'k_{d}_requested']} -> {summary[f'k_{d}']}" for d in ("i2t", "t2i")
               if summary[f"k_{d}"] != summary[f"k_{d}_requested"]]
     if capped:

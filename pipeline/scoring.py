@@ -34,7 +34,12 @@ def indexable(model) -> bool:
     return getattr(model, "kind", "indep") == "indep"
 
 
-def require_indexable(model, source, why: str = "mining needs independent embeddings") -> None:
+EMBED_HINT = ("it cannot be embedded (its score needs the image and the caption together); "
+              "mine with an independent model and re-rank with `mine-candidates --rescore "
+              "CHECKPOINT`")
+
+
+def require_indexable(model, source, why: str = EMBED_HINT) -> None:
     if not indexable(model):
         raise InputError(source, f"model {getattr(model, 'name', '?')!r} is a cross-attention "
                                  f"model: {why}")

@@ -118,9 +118,11 @@ def _knn(img, cap, cfg: MineConfig, progress: bool, *, img_path=None, cap_path=N
     return mine_embeddings(img, cap, cfg, progress=progress, scratch=scratch)
 
 
-def _filter(knn, img, cap, fcfg, k_i2t: int, k_t2i: int, *, data_dir, split) -> tuple:
+def _filter(knn, img, cap, fcfg, k_i2t: int, k_t2i: int, *, data_dir, split,
+            positives=None) -> tuple:
     """Apply the false-negative filters; metadata says what each removed and, on the
-    embedded dataset, how many of those were true false negatives."""
+    embedded dataset, how many of those were true false negatives. `positives`: the
+    (pos_i2t, pos_t2i) of the scores the candidates carry (default: the embeddings')."""
     from pipeline.mining.filters import apply_filters, count_false_negatives, positive_scores
 
     captions = None
@@ -132,7 +134,7 @@ def _filter(knn, img, cap, fcfg, k_i2t: int, k_t2i: int, *, data_dir, split) -> 
         captions = open_split(data_dir, split, check_finite="none").captions
         if captions is None:
             raise InputError(data_dir, f"--text-filter needs {split}_caps.txt (raw captions)")
-    pos_i2t, pos_t2i = positive_scores(img, cap)
+    pos_i2t, pos_t2i = positives if positives is not None else positive_scores(img, cap)
     knn, report = apply_filters(knn, k_i2t, k_t2i, fcfg, pos_i2t=pos_i2t, pos_t2i=pos_t2i,
                                 captions=captions)
     meta = {"config": fcfg.to_dict(),
@@ -149,7 +151,7 @@ def run(*, out_dir, cfg: MineConfig | None = None, name: str | None = None, img_
         cap_embs=None, embeddings_dir=None, checkpoint=None, data_dir=None,
         split: str = "train", embed_options: dict | None = None, summary_json=None,
         filters: dict | None = None, scheduler: str | None = None, workers: int | None = None,
-        progress: bool = True) -> dict:
+        rescore=None, rescore_k: int | None = None, progress: bool = True) -> dict:
     """Mine and write the candidate files. Returns a summary (also in ``summary_json``,
     less its ``timings``: the files written are the same bytes for the same inputs, and the
     `mine-candidates` command puts the timings beside the folder, pipeline.timings)."""
@@ -161,7 +163,10 @@ def run(*, out_dir, cfg: MineConfig | None = None, name: str | None = None, img_
     out_dir = Path(out_dir)
     if name is not None or data_dir is not None:    # fail before embedding, not after
         name = resolve_name(name, data_dir, None)
-    inputs = [img_embs, cap_embs, checkpoint, data_dir] + ([embeddings_dir] if checkpoint is None else [])
+    inputs = [img_embs, cap_embs, checkpoint, data_dir, rescore] + \
+        ([embeddings_dir] if checkpoint is None else [])
+    if rescore is None and rescore_k is not None:
+        raise InputError("--rescore-k", "applies only with --rescore CHECKPOINT")
     if summary_json:
         refuse_overlap(summary_json, [*inputs, out_dir])
     # the folder is built beside out_dir and renamed into place whole (an earlier output of
@@ -187,7 +192,15 @@ def run(*, out_dir, cfg: MineConfig | None = None, name: str | None = None, img_
         k_i2t, k_t2i = capped_k(cfg.k_i2t, cfg.k_t2i, n_img)
         # with filters on, mine with headroom so every row still holds K afterwards
         head_i2t, head_t2i = capped_k(k_i2t + fcfg.headroom(k_i2t), k_t2i + fcfg.headroom(k_t2i), n_img)
-        mine_cfg = dataclasses.replace(cfg, k_i2t=head_i2t, k_t2i=head_t2i)
+        short_i2t, short_t2i = head_i2t, head_t2i
+        rescorer = None
+        if rescore is not None:     # loaded (and its split checked) before the long pass
+            from pipeline.mining.rescore import shortlist_sizes
+
+            rescorer = _open_rescorer(rescore, data_dir, split, emb_meta, n_img, cfg.device,
+                                      checkpoint is not None)
+            short_i2t, short_t2i = capped_k(*shortlist_sizes(rescore_k, head_i2t, head_t2i), n_img)
+        mine_cfg = dataclasses.replace(cfg, k_i2t=short_i2t, k_t2i=short_t2i)
         # the pass works in memory-mapped files in the build folder (removed before it is
         # renamed), so a big training set does not need its candidates in private memory.
         # A SIGKILL leaves them in the build folder, whose in-use marker (pid, host, start
@@ -196,10 +209,16 @@ def run(*, out_dir, cfg: MineConfig | None = None, name: str | None = None, img_
         with tempfile.TemporaryDirectory(prefix=".mine-scratch-", dir=tmp) as scratch:
             knn = _knn(img, cap, mine_cfg, progress, img_path=img_path, cap_path=cap_path,
                        scheduler=scheduler, workers=workers, scratch=scratch)
+            positives = None
+            if rescorer is not None:
+                knn, positives, rescore_meta = _rescore(knn, rescorer, head_i2t, head_t2i,
+                                                        progress)
             files, summary = _finish(knn, img, cap, cfg, fcfg, t0, out_dir=tmp, name=name,
                                      img_path=shown(img_path), cap_path=shown(cap_path),
                                      emb_meta=emb_meta, data_dir=data_dir, split=split,
-                                     checkpoint=checkpoint, k_i2t=k_i2t, k_t2i=k_t2i)
+                                     checkpoint=checkpoint, k_i2t=k_i2t, k_t2i=k_t2i,
+                                     positives=positives,
+                                     rescore=rescore_meta if rescorer is not None else None)
             del knn
         del img, cap
     summary["files"] = {k: str(shown(Path(v))) for k, v in summary["files"].items()}
@@ -208,8 +227,47 @@ def run(*, out_dir, cfg: MineConfig | None = None, name: str | None = None, img_
     return summary
 
 
+def _open_rescorer(path, data_dir, split, emb_meta, n_img, device, embedded_here: bool) -> dict:
+    """The re-scorer (any model kind), the split it scores (the embeddings'), checked
+    against the embeddings' size."""
+    from pipeline.checkpoint import checkpoint_hash, load_checkpoint
+    from pipeline.data.precomp import open_split
+
+    src_data = data_dir or (emb_meta or {}).get("data")
+    if src_data is None:
+        raise InputError("--rescore", "needs the split it re-scores: give --data (the "
+                                      "embeddings' metadata names no data folder)")
+    src_split = (emb_meta or {}).get("split") or (split if embedded_here or data_dir else None)
+    if src_split is None:
+        raise InputError("--rescore", "the embeddings name no split: give --checkpoint with "
+                                      "--split, or embeddings written by `embed`")
+    model, cfg = load_checkpoint(path, device, data_dir=src_data)
+    data = open_split(src_data, src_split, expected_dim=cfg["model"].get("img_dim"))
+    if data.n_images != n_img:
+        raise InputError(path, f"re-scores split {src_split!r} of {src_data} ({data.n_images} "
+                               f"images), but the embeddings hold {n_img} images")
+    return {"model": model, "split": data, "path": path, "device": device,
+            "meta": {"checkpoint": str(path), "checkpoint_hash": checkpoint_hash(path),
+                     "model": getattr(model, "name", None), "kind": getattr(model, "kind", None),
+                     "data": str(src_data), "split": src_split}}
+
+
+def _rescore(knn, rescorer: dict, k_i2t: int, k_t2i: int, progress: bool):
+    """(knn re-scored and cut to k, the re-scorer's positive scores, metadata)."""
+    from pipeline.mining.rescore import positive_scores, rescore_knn
+    from pipeline.scoring import encode_gallery
+
+    t = time.perf_counter()
+    gallery = encode_gallery(rescorer["model"], rescorer["split"], device=rescorer["device"],
+                             progress=progress, source=rescorer["path"])
+    shortlist = {"i2t": int(knn.i2t.shape[1]), "t2i": int(knn.t2i.shape[1])}
+    knn = rescore_knn(knn, gallery, k_i2t, k_t2i, source=rescorer["path"], progress=progress)
+    knn.stats["seconds_rescore"] = time.perf_counter() - t
+    return knn, positive_scores(gallery), {**rescorer["meta"], "shortlist": shortlist}
+
+
 def _finish(knn, img, cap, cfg, fcfg, t0, *, out_dir, name, img_path, cap_path, emb_meta,
-            data_dir, split, checkpoint, k_i2t, k_t2i):
+            data_dir, split, checkpoint, k_i2t, k_t2i, positives=None, rescore=None):
     """Filters (when on), metadata, and the candidate files."""
     from pipeline.mining.candidates import Candidates, write_candidates
 
@@ -220,7 +278,7 @@ def _finish(knn, img, cap, cfg, fcfg, t0, *, out_dir, name, img_path, cap_path, 
         src_data = data_dir or (emb_meta or {}).get("data")
         src_split = (emb_meta or {}).get("split") or split
         knn, filters_meta = _filter(knn, img, cap, fcfg, k_i2t, k_t2i, data_dir=src_data,
-                                    split=src_split)
+                                    split=src_split, positives=positives)
     seconds = time.perf_counter() - t0
     k1, k2 = int(knn.i2t.shape[1]), int(knn.t2i.shape[1])
     flop = 2.0 * n_img * n_cap * dim
@@ -244,6 +302,8 @@ def _finish(knn, img, cap, cfg, fcfg, t0, *, out_dir, name, img_path, cap_path, 
         "index": cfg.index if cfg.backend == "faiss" else None,
         "device": cfg.device,
         "filters": filters_meta,
+        # the order and scores of the files: the re-scorer's when there is one
+        "rescore": rescore,
     }
     files = write_candidates(out_dir, name,
                              Candidates.from_knn(knn, meta=meta))
@@ -253,6 +313,7 @@ def _finish(knn, img, cap, cfg, fcfg, t0, *, out_dir, name, img_path, cap_path, 
         "k_t2i_requested": int(cfg.k_t2i), "backend": cfg.backend,
         "precision": meta["precision"], "index": meta["index"],
         "files": {k: str(v) for k, v in files.items()},
+        "rescore": rescore,
         # not in the tracked files (summary_json, the candidates' metadata): see pipeline.timings
         "timings": {"seconds": round(seconds, 3),
                     "gflops": round(flop / max(seconds, 1e-9) / 1e9, 2),

@@ -38,7 +38,10 @@ def evaluate_section() -> dict:
     from pipeline.evaluation.protocols import PROTOCOLS
 
     return {"checkpoint": PATH, "data": PATH, "split": _r("str"), "protocol": _r("str", choices=PROTOCOLS),
-            "json": OPT_PATH, "groups_json": OPT_PATH, "device": DEVICE, "batch_size": POS_INT}
+            "json": OPT_PATH, "groups_json": OPT_PATH, "device": DEVICE, "batch_size": POS_INT,
+            # cross models: a resumable .npy of the whole matrix (pipeline.evaluation.sims_file);
+            # or a two-stage evaluation: an `embed` folder or indep checkpoint, its top K re-scored
+            "sims": OPT_PATH, "shortlist": OPT_PATH, "shortlist_k": _r("int", min=1, null=True)}
 
 
 
@@ -61,7 +64,8 @@ def mine_section() -> dict:
             "precision": _r("str", choices=PRECISIONS), "index": _r("str", choices=INDEXES),
             "device": DEVICE, "row_block": POS_INT, "col_block": POS_INT, "batch_size": POS_INT,
             "summary_json": OPT_PATH, "scheduler": _r("str", null=True),
-            "workers": _r("int", min=1, null=True), "filters": _r("mapping", null=True, items=FILTERS)}
+            "workers": _r("int", min=1, null=True), "filters": _r("mapping", null=True, items=FILTERS),
+            "rescore": OPT_PATH, "rescore_k": _r("int", min=1, null=True)}
 
 
 def finetune_section() -> dict:

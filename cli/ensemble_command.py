@@ -1,0 +1,69 @@
+"""`ensemble`: evaluate the mean similarity of two or more checkpoints (pipeline.ensemble)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline.errors import InputError
+
+
+def _weights(text: str | None, n: int):
+    if text is None:
+        return None
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise InputError("--weights", f"{text!r}: give {n} comma-separated numbers") from None
+    if len(values) != n:
+        raise InputError("--weights", f"{text!r}: give {n} numbers, one per checkpoint")
+    return values
+
+
+@click.command("ensemble")
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
+@click.option("--data", "data_dir", type=click.Path(), default="artifacts/data", show_default=True,
+              help="SCAN precomp data folder.")
+@click.option("--split", default="test", show_default=True, help="Split to score.")
+@click.option("--protocol", type=click.Choice(["full", "f30k_1k", "coco1k_5fold", "coco5k"]),
+              default="full", show_default=True)
+@click.option("--weights", default=None,
+              help="Comma-separated member weights (normalised).  [default: equal: the papers' mean]")
+@click.option("--json", "out_json", type=click.Path(), default=None,
+              help="Write the metrics (and the members) here.")
+@click.option("--groups-json", type=click.Path(), default=None,
+              help="Embedded dataset: write within-family vs random-group metrics here.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Images per forward pass.")
+@click.option("--quiet", is_flag=True)
+def ensemble(checkpoints, data_dir, split, protocol, weights, out_json, groups_json, device,
+             batch_size, quiet):
+    """Evaluate the averaged similarity of CHECKPOINTS (any kinds; e.g. SGRAF = an sgr and an
+    saf checkpoint, BFAN = focal_type equal + prob, SCAN = t2i + i2t)."""
+    from pipeline.ensemble import load_ensemble
+    from pipeline.evaluation.table import format_metrics_table
+    from pipeline.io import refuse_overlap, write_json
+    from stages.evaluate import family_evaluation
+
+    for out in (out_json, groups_json):
+        if out:
+            refuse_overlap(out, [*checkpoints, data_dir])
+    gallery, members = load_ensemble(checkpoints, data_dir, split, device=device,
+                                     batch_size=batch_size, weights=_weights(weights, len(checkpoints)),
+                                     progress=not quiet)
+    metrics = gallery.evaluate(protocol, source="ensemble")
+    metrics["members"] = members
+    metrics["weights"] = [round(float(w), 6) for w in gallery.weights]
+    name = " + ".join(f"{m['model']}({Path(m['checkpoint']).parent.name})" for m in members)
+    click.echo(format_metrics_table({f"ensemble/{split}": metrics},
+                                    title=f"{name}, protocol {metrics['protocol']}"))
+    if (Path(data_dir) / f"{split}_graphs.jsonl").exists():
+        groups = family_evaluation(data_dir, split, gallery.matrix())
+        metrics["groups"] = groups
+        if groups_json:
+            write_json(groups_json, groups)
+        click.echo(f"within-family (groups of {groups['group_size']}): rsum "
+                   f"{groups['family']['rsum']:.1f} | random groups: rsum {groups['random']['rsum']:.1f}")
+    if out_json:
+        write_json(out_json, {k: v for k, v in metrics.items() if k != "groups"})
