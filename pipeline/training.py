@@ -72,6 +72,8 @@ class TrainSettings:
     num_workers: int = 0
     save_every_steps: int = 0         # also save resume state every N steps (0: end of epoch only)
     eval_batch_size: int = 256
+    dev_images: int = 0               # validate on the first N dev images (0: all; the
+                                      # references use COCO's first 1,000)
 
     @classmethod
     def rules(cls) -> dict[str, dict]:
@@ -101,7 +103,8 @@ _RANGES = (("lr", 0, True), ("weight_decay", 0, False), ("lr_decay", 0, True),
            ("grad_clip", 0, False), ("margin", 0, False), ("warmup_epochs", 0, False),
            ("seed", 0, False), ("num_workers", 0, False), ("save_every_steps", 0, False),
            ("eval_batch_size", 1, False), ("epochs", 1, False), ("batch_size", 2, False),
-           ("lr_update", 1, False), ("region_drop", 0, False), ("token_aug", 0, False))
+           ("lr_update", 1, False), ("region_drop", 0, False), ("token_aug", 0, False),
+           ("dev_images", 0, False))
 
 
 def epoch_lr(settings: TrainSettings, epoch: int) -> float:
@@ -252,7 +255,10 @@ class Trainer:
 
     # ----------------------------------------------------------------- evaluation
     def evaluate_dev(self) -> dict:
-        gallery = encode_gallery(self.model, self.dev_split, batch_size=self.s.eval_batch_size,
+        dev = self.dev_split
+        if 0 < self.s.dev_images < dev.n_images:
+            dev = dev.head(self.s.dev_images)
+        gallery = encode_gallery(self.model, dev, batch_size=self.s.eval_batch_size,
                                  device=str(self.device))
         return gallery.evaluate("full")
 

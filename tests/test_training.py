@@ -149,3 +149,35 @@ def test_cuda_training_epoch(tiny_data, tmp_path):
                          model_options=MODEL_OPTS, train_options=_train_opts(epochs=1),
                          device="cuda", progress=False)
     assert res["best_epoch"] == 1
+
+
+def test_dev_images_validates_on_the_first_images(tiny_data, tmp_path, monkeypatch):
+    """dev_images=N: the epoch's dev metrics are those of the first N dev images (and their
+    5 N captions), scored as a split of their own."""
+    import pipeline.training as training
+    from pipeline.data.precomp import open_split
+    from pipeline.scoring import encode_gallery
+
+    seen = []
+    real = training.encode_gallery
+
+    def spy(model, split, **kw):
+        seen.append((split.n_images, split.n_captions))
+        return real(model, split, **kw)
+
+    monkeypatch.setattr(training, "encode_gallery", spy)
+    res = train_base.run(model="vsepp", data_dir=tiny_data, out_dir=tmp_path / "run",
+                         model_options={"embed_size": 16, "word_dim": 8},
+                         train_options={"epochs": 1, "batch_size": 16, "dev_images": 10},
+                         progress=False)
+    assert seen == [(10, 50)]
+    dev = open_split(tiny_data, "dev")
+    head = dev.head(10)
+    assert head.captions == dev.captions[:50] and head.n_regions == dev.n_regions
+    assert (head.image_rows([9]) == dev.image_rows([9])).all()
+    model, _ = load_checkpoint(res["checkpoint"])
+    rsum = encode_gallery(model, head).evaluate("full")["rsum"]
+    assert res["best_dev_rsum"] == pytest.approx(rsum, abs=1e-6)
+    assert dev.head(dev.n_images) is dev
+    with pytest.raises(ValueError):
+        dev.head(0)
