@@ -22,23 +22,27 @@ def _weights(text: str | None, n: int):
 
 @click.command("ensemble")
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
-@click.option("--data", "data_dir", type=click.Path(), default="artifacts/data", show_default=True,
-              help="SCAN precomp data folder.")
-@click.option("--split", default="test", show_default=True, help="Split to score.")
+@click.option("--data", "data_dir", type=click.Path(), default=None,
+              help="SCAN precomp data folder.  [default: artifacts/data]")
+@click.option("--split", default=None, help="Split to score.  [default: test]")
 @click.option("--protocol", type=click.Choice(["full", "f30k_1k", "coco1k_5fold", "coco5k"]),
-              default="full", show_default=True)
+              default=None, help="[default: full]")
 @click.option("--weights", default=None,
               help="Comma-separated member weights (normalised).  [default: equal: the papers' mean]")
 @click.option("--json", "out_json", type=click.Path(), default=None,
               help="Write the metrics (and the members) here.")
 @click.option("--groups-json", type=click.Path(), default=None,
               help="Embedded dataset: write within-family vs random-group metrics here.")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Images per forward pass.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ...  [default: cpu]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Images per forward pass.  [default: 128]")
+@click.option("--params", "params_file", type=click.Path(), default=None,
+              help="Read split, protocol, device and batch size from this params.yaml's "
+                   "--section (evaluate's); explicit options win.")
+@click.option("--section", default="evaluate_base", show_default=True)
 @click.option("--quiet", is_flag=True)
 def ensemble(checkpoints, data_dir, split, protocol, weights, out_json, groups_json, device,
-             batch_size, quiet):
+             batch_size, params_file, section, quiet):
     """Evaluate the averaged similarity of CHECKPOINTS (any kinds; e.g. SGRAF = an sgr and an
     saf checkpoint, BFAN = focal_type equal + prob, SCAN = t2i + i2t)."""
     from pipeline.ensemble import load_ensemble
@@ -46,6 +50,13 @@ def ensemble(checkpoints, data_dir, split, protocol, weights, out_json, groups_j
     from pipeline.io import refuse_overlap, write_json
     from stages.evaluate import family_evaluation
 
+    from cli.params import load_section, pick
+    from stages.params_schema import evaluate_section
+
+    p = load_section(params_file, section, known=evaluate_section()) if params_file else {}
+    data_dir = pick(data_dir, p, "data", "artifacts/data")
+    split, protocol = pick(split, p, "split", "test"), pick(protocol, p, "protocol", "full")
+    device, batch_size = pick(device, p, "device", "cpu"), pick(batch_size, p, "batch_size", 128)
     for out in (out_json, groups_json):
         if out:
             refuse_overlap(out, [*checkpoints, data_dir])

@@ -19,9 +19,11 @@ from pipeline.errors import InputError
 @click.option("--pretrained", multiple=True, metavar="MODEL",
               help="A model pretrained by the pretrain stage: its pretrain-MODEL row "
                    "(repeatable).  [default: the params' pretrain.models]")
+@click.option("--ensemble", "ensemble_names", multiple=True, metavar="NAME",
+              help="An ensemble's ensemble-NAME row (repeatable).  [default: the params' ensembles]")
 @click.option("--params", "params_file", type=click.Path(), default=None,
               help="Take the runs from this params.yaml's finetune.runs (grouped by model).")
-def report(metrics_dir, runs, base, pretrained, out_dir, params_file):
+def report(metrics_dir, runs, base, pretrained, ensemble_names, out_dir, params_file):
     """Markdown table and recall plot of the base model and every fine-tuned run."""
     from stages import report as stage
 
@@ -33,6 +35,10 @@ def report(metrics_dir, runs, base, pretrained, out_dir, params_file):
         raise InputError(params_file, "no runs: give --run MODEL-LOSS or finetune.runs in --params")
     if not pretrained:
         pretrained = load_section(params_file, "pretrain", optional=True).get("models") or []
+    if not ensemble_names and params_file:
+        from stages.check_params import ensembles, load
+
+        ensemble_names = list(ensembles(load(params_file), params_file))
     res = stage.run(metrics_dir=metrics_dir, runs=list(runs), out_dir=out_dir, base=base or None,
-                    pretrained=list(pretrained))
+                    pretrained=list(pretrained), ensembles=list(ensemble_names))
     click.echo(res["markdown"], nl=False)

@@ -114,11 +114,22 @@ def train(model, data_dir, out_dir, epochs, batch_size, lr, seed, model_opts, tr
 @click.option("--device", default=None)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass.  [default: 128]")
+@click.option("--sims", "sims_path", type=click.Path(), default=None,
+              help="Also write the whole (N_img, 5*N_img) float32 score matrix to this .npy, block "
+                   "by block with a sidecar PATH.json: a killed run resumes; evaluate-sims reads it.")
+@click.option("--shortlist", type=click.Path(), default=None,
+              help="Cross models: two-stage evaluation; the first stage from this `embed` folder or "
+                   "independent-model checkpoint folder.")
+@click.option("--shortlist-k", type=click.IntRange(min=1), default=None,
+              help="Shortlist size per query re-scored by the cross model.  [default: 100]")
 @click.option("--params", "params_file", type=click.Path(), default=None, help=PARAMS_HELP)
 @click.option("--section", default="evaluate_base", show_default=True)
 @click.option("--quiet", is_flag=True)
+@click.option("--sims-block-rows", type=click.IntRange(min=1), default=None, hidden=True)  # resume tests
+@click.option("--crash-after-blocks", type=int, default=None, hidden=True)  # resume tests: SIGKILL itself
 def evaluate(checkpoint, data_dir, split, protocol, out_json, groups_json, device, batch_size,
-             params_file, section, quiet):
+             sims_path, shortlist, shortlist_k, params_file, section, quiet, sims_block_rows,
+             crash_after_blocks):
     """Score a checkpoint on a split under a standard protocol and print the metrics table."""
     from pipeline.evaluation.table import format_metrics_table
     from stages import evaluate as stage
@@ -132,9 +143,21 @@ def evaluate(checkpoint, data_dir, split, protocol, out_json, groups_json, devic
                     split=split, protocol=pick(protocol, p, "protocol", "full"),
                     out_json=pick(out_json, p, "json"), groups_json=pick(groups_json, p, "groups_json"),
                     device=pick(device, p, "device", "cpu"),
-                    batch_size=pick(batch_size, p, "batch_size", 128), progress=not quiet)
-    click.echo(format_metrics_table({f"{Path(checkpoint).parent.name}/{split}": res["metrics"]},
-                                    title=f"protocol {res['metrics']['protocol']}"))
+                    batch_size=pick(batch_size, p, "batch_size", 128),
+                    sims=pick(sims_path, p, "sims"), shortlist=pick(shortlist, p, "shortlist"),
+                    shortlist_k=pick(shortlist_k, p, "shortlist_k"), sims_block_rows=sims_block_rows,
+                    kill_after_blocks=crash_after_blocks, progress=not quiet)
+    m = res["metrics"]
+    title = f"protocol {m['protocol']}"
+    if "shortlist_k" in m:
+        title += f", two-stage (shortlist K={m['shortlist_k']} from {m['shortlist']})"
+    click.echo(format_metrics_table({f"{Path(checkpoint).parent.name}/{split}": m}, title=title))
+    if "shortlist_k" in m:
+        click.echo(f"ground truth in the shortlist: i2t {m['gt_in_shortlist_i2t']:.1f}%, t2i "
+                   f"{m['gt_in_shortlist_t2i']:.1f}%; {m['pairs_scored']:,} cross scores")
+    if "sims" in m:
+        click.echo(f"similarity matrix: {m['sims']} ({m['sims_blocks_computed']} blocks computed "
+                   f"in this run)")
     if "groups" in res:
         g = res["groups"]
         click.echo(f"within-family (groups of {g['group_size']}): rsum {g['family']['rsum']:.1f}, "

@@ -10,7 +10,9 @@ models, `[a-z0-9_]+`), and `finetune.runs` (see :func:`finetune_runs`), which mu
 with `finetune.models`. The output holds no names: it is the same bytes for every valid
 params file, so editing the params re-runs this stage but not, through it, `prepare`.
 
-`report` reads the runs with :func:`finetune_runs` too.
+`ensembles` (:func:`ensembles`): names and checkpoint paths of the `ensemble@<name>`
+stages. `report` reads the runs with :func:`finetune_runs` and the ensembles with
+:func:`ensembles` too.
 """
 from __future__ import annotations
 
@@ -127,6 +129,28 @@ def finetune_runs(finetune: dict, source) -> list[dict]:
     return sorted(found.values(), key=lambda r: (order.index(r["model"]), r["group"] != "online"))
 
 
+def ensembles(doc: dict, source) -> dict[str, tuple[str, str]]:
+    """params.yaml's `ensembles`: {<name>: {a: CHECKPOINT, b: CHECKPOINT}}, the pairs the
+    `ensemble@<name>` stages average (papers report two-model ensembles); {} for none."""
+    node = doc.get("ensembles") or {}
+    if not isinstance(node, dict):
+        raise InputError(source, "ensembles: expected a mapping {<name>: {a: CHECKPOINT, "
+                                 "b: CHECKPOINT}} ({} for none)")
+    out = {}
+    for name, pair in node.items():
+        where = f"ensembles.{name}"
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9_][a-z0-9_+-]*", name):
+            raise InputError(source, f"ensembles entry {name!r}: a name is lower-case letters, "
+                                     "digits, '_', '+' and '-' (dvc.yaml puts it in paths)")
+        if not isinstance(pair, dict) or set(pair) != {"a", "b"}:
+            got = sorted(pair) if isinstance(pair, dict) else type(pair).__name__
+            raise InputError(source, f"{where}: expected the keys ['a', 'b'] (two checkpoints), got {got}")
+        out[name] = (_path(pair["a"], f"{where}.a", source), _path(pair["b"], f"{where}.b", source))
+        if pair["a"] == pair["b"]:
+            raise InputError(source, f"{where}: a and b are the same checkpoint")
+    return out
+
+
 def check(doc: dict, source) -> list[dict]:
     """Raise InputError on the first value dvc.yaml must not interpolate; the runs otherwise."""
     _name(_section(doc, "train_base", source).get("model"), "train_base.model", source,
@@ -159,6 +183,7 @@ def check(doc: dict, source) -> list[dict]:
     from stages.params_schema import check_document
 
     check_document(doc, source)
+    ensembles(doc, source)
     runs = finetune_runs(finetune, source)
     for run in runs:
         where = f"finetune.runs.{run['group']}.{run['name']}"

@@ -3,7 +3,8 @@
 Inputs are the test-metric JSONs written by `evaluate` (`<run>.json`, and on the embedded
 data set `<run>_groups.json` with the within-family scores). Runs are named
 `<model>-<loss>`; the base model's row comes first, then the rows of models pretrained by
-the `pretrain` stage (`pretrain-<model>`). Outputs (atomic): `report.md`
+the `pretrain` stage (`pretrain-<model>`), the runs, and the ensembles (`ensemble-<name>`,
+written by `itm-pipeline ensemble`). Outputs (atomic): `report.md`
 (markdown: model, loss, R@1/5/10 both ways, rsum, within-family rsum) and `recall.png`
 (R@1 per direction and run).
 """
@@ -18,12 +19,14 @@ _RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 
 
 def collect(metrics_dir, runs: list[str], base: str | None = "base_test",
-            pretrained: list[str] = ()) -> list[dict]:
+            pretrained: list[str] = (), ensembles: list[str] = ()) -> list[dict]:
     """One row per run: {"run", "model", "loss", metrics..., "family_rsum"}; first the
-    base model, then each pretrained model's own base (`pretrain-<model>`)."""
+    base model, then each pretrained model's own base (`pretrain-<model>`), the runs, and
+    last the ensembles (`ensemble-<name>`)."""
     folder = Path(metrics_dir)
     rows = []
-    names = ([base] if base else []) + [f"pretrain-{m}" for m in pretrained] + list(runs)
+    names = ([base] if base else []) + [f"pretrain-{m}" for m in pretrained] + list(runs) \
+        + [f"ensemble-{e}" for e in ensembles]
     for name in names:
         m = read_metrics_json(folder / f"{name}.json")
         model, _, loss = name.partition("-")
@@ -31,6 +34,9 @@ def collect(metrics_dir, runs: list[str], base: str | None = "base_test",
             model, loss = "base", "(base)"
         elif model == "pretrain":
             model, loss = loss, "(pretrain)"
+        elif model == "ensemble":
+            model, loss = f"ensemble {loss}", "(mean of " + " + ".join(
+                mb.get("model", "?") for mb in m.get("members", [])) + ")"
         row = {"run": name, "model": model, "loss": loss, **{k: m.get(k) for k in _RECALLS},
                "rsum": m["rsum"], "family_rsum": None}
         groups = folder / f"{name}_groups.json"
@@ -72,8 +78,8 @@ def recall_plot(rows: list[dict], path: Path) -> None:
 
 
 def run(*, metrics_dir, runs: list[str], out_dir, base: str | None = "base_test",
-        pretrained: list[str] = ()) -> dict:
-    rows = collect(metrics_dir, runs, base, pretrained)
+        pretrained: list[str] = (), ensembles: list[str] = ()) -> dict:
+    rows = collect(metrics_dir, runs, base, pretrained, ensembles)
     table = markdown(rows)
     with atomic_dir(out_dir, "report", inputs=[metrics_dir]) as out:
         write_text(out / "report.md", "# Test-split retrieval, base and fine-tuned runs\n\n" + table)

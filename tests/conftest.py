@@ -34,3 +34,26 @@ def ckpt(tiny_data, tmp_path_factory):
                          model_options={"embed_size": 16, "word_dim": 8},
                          train_options={"epochs": 1, "batch_size": 16}, progress=False)
     return res["checkpoint"]
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_data, tmp_path_factory):
+    """`tiny_trained(model, **options)`: a checkpoint of that registered model at its
+    config's `tiny` widths (plus options), one epoch (batch 16) on tiny_data; trained once
+    per session and options. Tests must not write into it."""
+    from pipeline.models import model_config
+    from stages import train_base
+
+    done = {}
+
+    def get(model: str, **options):
+        key = (model, tuple(sorted(options.items())))
+        if key not in done:
+            out = tmp_path_factory.mktemp(f"tiny_{model}")
+            done[key] = train_base.run(model=model, data_dir=tiny_data, out_dir=out,
+                                       model_options={**model_config(model)["tiny"], **options},
+                                       train_options={"epochs": 1, "batch_size": 16},
+                                       progress=False)["checkpoint"]
+        return done[key]
+
+    return get

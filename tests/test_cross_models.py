@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import cross_reference as ref
+from cross_checks import assert_sub_shards_match, ragged_captions, train_two_epochs
 from pipeline.data.vocab import Vocab
 from pipeline.errors import InputError
 from pipeline.models import Encoded, create_model, model_config
@@ -73,11 +74,7 @@ def raw_inputs(n_img: int, n_txt: int, seed: int, r: int = 6, l: int = 8) -> dic
     if n_img > 2:
         img_lengths[1] = 4
         images[1, :4] = torch.randn(IMG_DIM, generator=g)
-    lengths = torch.randint(1, l + 1, (n_txt,), generator=g)
-    lengths[0], lengths[-1] = l, 1
-    tokens = torch.zeros(n_txt, l, dtype=torch.long)
-    for k, n in enumerate(lengths.tolist()):
-        tokens[k, :n] = torch.randint(4, VOCAB, (n,), generator=g)
+    tokens, lengths = ragged_captions(g, n_txt, l, VOCAB)
     return {"images": images, "img_lengths": img_lengths, "tokens": tokens, "lengths": lengths}
 
 
@@ -104,13 +101,7 @@ def test_similarity_equals_the_transcription(variant):
         got = model.similarity(img, txt)
         assert got.shape == (7, 9) and got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, **TOL)
-        # one-image and one-caption shards, the one-region image and the one-word caption alone
-        for rows, cols in ((slice(3, 4), slice(None)), (slice(None), slice(2, 3)),
-                           (slice(6, 7), slice(8, 9)), (slice(1, 2), slice(8, 9)),
-                           (slice(6, 7), slice(None)), (slice(None), slice(8, 9))):
-            s = model.similarity(img[rows], txt[cols])
-            assert s.shape == want[rows, cols].shape
-            torch.testing.assert_close(s.double(), want[rows, cols], **TOL)
+        assert_sub_shards_match(model, img, txt, want, other_image=1)
 
 
 def test_pair_scores_equal_the_transcription(variant):
@@ -277,16 +268,5 @@ def test_attention_refuses_unknown_settings():
 @pytest.mark.parametrize("name", ["bfan", "scan"])
 def test_trains_through_the_shared_loop(name, tiny_data, tmp_path):
     """Two epochs on the tiny embedded data: finite, decreasing loss; a cross checkpoint."""
-    from pipeline.checkpoint import load_checkpoint
-    from stages import train_base
-
-    res = train_base.run(model=name, data_dir=tiny_data, out_dir=tmp_path / "run",
-                         model_options=model_config(name)["tiny"],
-                         train_options={"epochs": 2, "batch_size": 16, "lr": 2e-3},
-                         progress=False)
-    header, *rows = (tmp_path / "run" / "train_log.tsv").read_text().splitlines()
-    losses = [float(dict(zip(header.split("\t"), r.split("\t")))["train_loss"]) for r in rows]
-    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    losses = train_two_epochs(name, tiny_data, tmp_path / "run")
     assert losses[1] < losses[0]
-    model, _ = load_checkpoint(res["checkpoint"])
-    assert model.kind == "cross" and model.name == name

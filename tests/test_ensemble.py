@@ -12,23 +12,13 @@ from cli.main import main
 from pipeline.checkpoint import load_checkpoint
 from pipeline.data.precomp import open_split
 from pipeline.evaluation.protocols import evaluate_sims
-from pipeline.models.registry import model_config
 from pipeline.scoring import encode_gallery
 
 
 @pytest.fixture(scope="module")
-def bfan_pair(tiny_data, tmp_path_factory):
+def bfan_pair(tiny_trained):
     """BFAN focal_type equal and prob, one epoch each on the tiny data."""
-    from stages import train_base
-
-    out = []
-    for focal in ("equal", "prob"):
-        folder = tmp_path_factory.mktemp(f"bfan_{focal}")
-        res = train_base.run(model="bfan", data_dir=tiny_data, out_dir=folder,
-                             model_options={**model_config("bfan")["tiny"], "focal_type": focal},
-                             train_options={"epochs": 1, "batch_size": 16}, progress=False)
-        out.append(res["checkpoint"])
-    return out
+    return [tiny_trained("bfan"), tiny_trained("bfan", focal_type="prob")]
 
 
 def _matrix(ckpt, data, split="test"):

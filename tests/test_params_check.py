@@ -61,6 +61,11 @@ BAD = {
                     "finetune.refresh_every_steps"),
     "old grid": (lambda d: d["finetune"].update(runs={"model": ["vsrn"], "loss": ["aoq"]}),
                  "'online'"),
+    "ensemble name": (lambda d: d.update(ensembles={EVIL: {"a": "x", "b": "y"}}), EVIL),
+    "ensemble keys": (lambda d: d.update(ensembles={"e": {"a": "x"}}), "['a', 'b']"),
+    "ensemble path": (lambda d: d.update(ensembles={"e": {"a": "x", "b": "--help"}}), "--help"),
+    "ensemble twice": (lambda d: d.update(ensembles={"e": {"a": "x", "b": "x"}}), "the same checkpoint"),
+    "ensembles list": (lambda d: d.update(ensembles=["x", "y"]), "expected a mapping"),
 }
 
 

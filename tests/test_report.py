@@ -86,3 +86,24 @@ def test_report_pretrained_rows_from_params(tmp_path, capsys):
     assert main(["report", "--metrics-dir", str(m), "--params", str(params),
                  "--out", str(tmp_path / "r2")]) == 0
     assert "(pretrain)" not in (tmp_path / "r2" / "report.md").read_text()
+
+
+def test_report_ensemble_rows_from_params(tmp_path, capsys):
+    m = tmp_path / "metrics"
+    m.mkdir()
+    for name, r1 in (("base_test", 78.0), ("vsrn-aoq", 45.0), ("ensemble-sgraf", 50.0)):
+        (m / f"{name}.json").write_text(json.dumps(
+            {**_metrics(r1), "members": [{"model": "sgr"}, {"model": "saf"}]}))
+    params = tmp_path / "params.yaml"
+    params.write_text(RUNS + "ensembles:\n  sgraf: {a: p/sgr, b: p/saf}\n")
+    rc = main(["report", "--metrics-dir", str(m), "--params", str(params), "--out", str(tmp_path / "r")])
+    assert rc == 0, capsys.readouterr().err
+    lines = [ln for ln in (tmp_path / "r" / "report.md").read_text().splitlines() if ln.startswith("| ")]
+    assert [ln.split(" | ")[:3] for ln in lines[1:]] == [
+        ["| base", "(base)", "78.0"], ["| vsrn", "aoq", "45.0"],
+        ["| ensemble sgraf", "(mean of sgr + saf)", "50.0"]]
+    # a listed ensemble whose metrics are missing: one line naming the file
+    params.write_text(RUNS + "ensembles:\n  other: {a: x, b: y}\n")
+    assert main(["report", "--metrics-dir", str(m), "--params", str(params),
+                 "--out", str(tmp_path / "r2")]) == 2
+    assert "ensemble-other.json" in capsys.readouterr().err

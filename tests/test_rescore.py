@@ -13,7 +13,6 @@ from pipeline.checkpoint import checkpoint_hash, load_checkpoint
 from pipeline.data.precomp import open_split
 from pipeline.mining.candidates import load_candidates
 from pipeline.mining.embed import CAP_FILE, IMG_FILE, embed_split
-from pipeline.models.registry import model_config
 from pipeline.scoring import encode_gallery
 
 N_IMG = 100
@@ -21,13 +20,8 @@ K1, K2, KP = 12, 4, 30
 
 
 @pytest.fixture(scope="module")
-def cross_ckpt(tiny_data, tmp_path_factory):
-    from stages import train_base
-
-    out = tmp_path_factory.mktemp("bfan")
-    return train_base.run(model="bfan", data_dir=tiny_data, out_dir=out,
-                          model_options=model_config("bfan")["tiny"],
-                          train_options={"epochs": 1, "batch_size": 16}, progress=False)["checkpoint"]
+def cross_ckpt(tiny_trained):
+    return tiny_trained("bfan")
 
 
 @pytest.fixture(scope="module")

@@ -34,14 +34,8 @@ TRAIN = {"epochs": 1, "batch_size": 16}
 
 # --------------------------------------------------------------------------- toy_cross
 @pytest.fixture(scope="module")
-def cross_ckpt(tiny_data, tmp_path_factory):
-    from stages import train_base
-
-    out = tmp_path_factory.mktemp("toy_cross_base")
-    res = train_base.run(model="toy_cross", data_dir=tiny_data, out_dir=out,
-                         model_options=model_config("toy_cross")["tiny"],
-                         train_options=TRAIN, progress=False)
-    return res["checkpoint"]
+def cross_ckpt(tiny_trained):
+    return tiny_trained("toy_cross")
 
 
 @pytest.fixture(scope="module")
