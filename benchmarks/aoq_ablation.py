@@ -62,9 +62,10 @@ def quarter_epoch_steps(model, data, train) -> int:
 
 
 def step_times(model_name, base, data, candidates, *, steps: int, batch_size: int,
-               model_options=None) -> dict:
+               model_options=None, device: str = "cpu") -> dict:
     """Seconds per training step (forward + backward) on the same batches; base "scratch"
-    times a new model built with model_options."""
+    times a new model built with model_options. On a GPU the batches are moved there
+    before the clock starts (the loader's work is not a step's)."""
     from pipeline.checkpoint import load_checkpoint
     from pipeline.data.datasets import PairDataset, collate_pairs
     from pipeline.models import new_model
@@ -80,23 +81,29 @@ def step_times(model_name, base, data, candidates, *, steps: int, batch_size: in
                           **(model_options or {}))
     else:
         model, _ = load_checkpoint(base, data_dir=data)
-    model.train()
+    model.train().to(device)
     cands = load_candidates(candidates, n_images=split.n_images)
     pairs = PairDataset(split, model.tokenizer, train=True)
     off = OfflineNegativeDataset(pairs, cands.i2t, cands.t2i, default_offcandisize(split.n_captions))
     g = torch.Generator().manual_seed(0)
     idx = [torch.randperm(len(pairs), generator=g)[:batch_size].tolist() for _ in range(steps + 2)]
-    plain = [collate_pairs([pairs[j] for j in b]) for b in idx]
-    stacked = [collate_offline([off[j] for j in b]) for b in idx]
+    def moved(batch):
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    plain = [moved(collate_pairs([pairs[j] for j in b])) for b in idx]
+    stacked = [moved(collate_offline([off[j] for j in b])) for b in idx]
     aoq = AOQSettings(loss="aoq")
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
 
     def timed(fn, batches):
         for b in batches[:2]:  # warm-up
             fn(b)[0].backward()
         model.zero_grad(set_to_none=True)
+        sync()
         t0 = time.perf_counter()
         for b in batches[2:]:
             fn(b)[0].backward()
+        sync()
         return (time.perf_counter() - t0) / steps
 
     out = {}
@@ -159,6 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--step-widths", type=int, nargs="+", default=[],
                     help="also time new models of the base's architecture at these embed "
                          "widths (how the batched / three-pass ratio depends on arithmetic)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda: where the step times are measured "
+                                                  "(fine-tunes and scoring stay on the CPU)")
     ap.add_argument("--out", default="artifacts/bench/aoq")
     args = ap.parse_args(argv)
     inits = dict(args.init)
@@ -169,7 +178,8 @@ def main(argv=None) -> int:
     data, candidates = ft.get("data", "artifacts/data"), ft.get("candidates", "artifacts/candidates")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"cpu": cpu_model(), "threads": args.threads, "seeds": args.seeds, "models": {}}
+    results: dict = {"cpu": cpu_model(), "threads": args.threads, "seeds": args.seeds, "models": {},
+                     "device": args.device}
     saved = out / "results.json"
     previous = json.loads(saved.read_text())["models"] if saved.is_file() else {}  # resume
     for model in args.models:
@@ -192,12 +202,13 @@ def main(argv=None) -> int:
             r["base"] = f"{args.base_epochs} triplet epochs from scratch"
         r["step_seconds"] = previous.get(model, {}).get("step_seconds") or step_times(
             model, base, data, cands, steps=args.step_steps, batch_size=batch_size,
-            model_options=spec.get("model_options"))
+            model_options=spec.get("model_options"), device=args.device)
         print(model, "step seconds", r["step_seconds"], flush=True)
         if args.step_widths:
             r["step_seconds_by_width"] = {
                 str(w): step_times(model, "scratch", data, cands, steps=args.step_steps,
-                                   batch_size=batch_size, model_options=width_options(base, spec, w))
+                                   batch_size=batch_size, model_options=width_options(base, spec, w),
+                                   device=args.device)
                 for w in args.step_widths}
         if args.steps_only:
             continue

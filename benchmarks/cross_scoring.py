@@ -96,26 +96,29 @@ CASES = {
 }
 
 
-def interleaved_best(fns: dict, repeats: int) -> tuple[dict, dict]:
+def interleaved_best(fns: dict, repeats: int, sync=lambda: None) -> tuple[dict, dict]:
     """Best wall time of each function over `repeats` rounds, the functions taking turns
-    within a round (a busy shared machine slows them alike), and each one's last result."""
+    within a round (a busy shared machine slows them alike), and each one's last result.
+    `sync`: waits for the device (torch.cuda.synchronize on a GPU)."""
     best, out = {k: float("inf") for k in fns}, {}
     for _ in range(repeats):
         for k, fn in fns.items():
+            sync()
             t = time.perf_counter()
             out[k] = fn()
+            sync()
             best[k] = min(best[k], time.perf_counter() - t)
     return best, out
 
 
-def encoded_shard(model, n_img, n_cap, regions, words, img_dim, seed):
+def encoded_shard(model, n_img, n_cap, regions, words, img_dim, seed, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(max(1, words - 4), words + 5, (n_cap,), generator=g)
     tokens = torch.randint(4, model.tokenizer.size, (n_cap, int(lengths.max())), generator=g)
     images = torch.randn(n_img, regions, img_dim, generator=g)
     with torch.no_grad():
-        img = model.encode_image(images, torch.full((n_img,), regions))
-        txt = model.encode_text(tokens, lengths)
+        img = model.encode_image(images.to(device), torch.full((n_img,), regions, device=device))
+        txt = model.encode_text(tokens.to(device), lengths.to(device))
     return img, txt
 
 
@@ -130,14 +133,18 @@ def main(argv=None) -> None:
     ap.add_argument("--loop-captions", type=int, default=32,
                     help="captions the loop scores against every image (its rate is per caption)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (loop and ours both there)")
     args = ap.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     if args.threads:
         torch.set_num_threads(args.threads)
     vocab = Vocab(f"w{i}" for i in range(500))
     n = args.shard
     print(f"CPU: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"embed {args.embed}, {args.regions} regions, ~{args.words}-word captions, "
-          f"shard {n} x {n}, best of {args.repeats}")
+          f"shard {n} x {n}, best of {args.repeats}"
+          + (f"; device {torch.cuda.get_device_name(args.device)}" if gpu else ""))
     print("| model | per-caption loop (pairs/s) | ours, float64 (pairs/s) | ratio | "
           "ours, float32 (pairs/s) | ratio | max abs diff |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -145,8 +152,9 @@ def main(argv=None) -> None:
     for label, (name, options, ref) in CASES.items():
         torch.manual_seed(0)
         model = create_model(name, img_dim=args.img_dim, tokenizer=vocab, embed_size=args.embed,
-                             word_dim=64, **options).eval()
-        img, txt = encoded_shard(model, n, n, args.regions, args.words, args.img_dim, seed=1)
+                             word_dim=64, **options).eval().to(args.device)
+        img, txt = encoded_shard(model, n, n, args.regions, args.words, args.img_dim, seed=1,
+                                 device=args.device)
         model64 = copy.copy(model)
         model64.score_dtype = torch.float64
         model32 = copy.copy(model)
@@ -155,7 +163,7 @@ def main(argv=None) -> None:
             t, out = interleaved_best({
                 "loop": lambda: loop_scores(img.data, txt.data[:m], txt.lengths[:m], **ref),
                 "f64": lambda: model64.similarity(img, txt),
-                "f32": lambda: model32.similarity(img, txt)}, args.repeats)
+                "f32": lambda: model32.similarity(img, txt)}, args.repeats, sync)
         diff = float((out["f64"][:, :m] - out["loop"]).abs().max())
         loop, f64, f32 = n * m / t["loop"], n * n / t["f64"], n * n / t["f32"]
         print(f"| {label} | {loop:,.0f} | {f64:,.0f} | {f64 / loop:.1f}x | "

@@ -68,20 +68,23 @@ def make_embeddings(n_img: int, dim: int, seed: int, folder: Path) -> tuple[Path
 
 
 def gemm_rates(dim: int, rows: int = 4096, cols: int = 8192, reps: int = 5,
-               budget: float = 6.0) -> dict:
+               budget: float = 6.0, device: str = "cpu") -> dict:
     """GFLOP/s of one rows x cols x dim GEMM per precision (best of up to `reps` after a
     warm-up; a slow precision stops after `budget` seconds, at least one timed run)."""
     import torch
 
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     out = {}
     for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        a = torch.randn(rows, dim).to(dtype)
-        b = torch.randn(cols, dim).to(dtype)
+        a = torch.randn(rows, dim, device=device).to(dtype)
+        b = torch.randn(cols, dim, device=device).to(dtype)
         a @ b.t()
+        sync()
         best, spent = float("inf"), 0.0
         for _ in range(reps):
             t = time.perf_counter()
             a @ b.t()
+            sync()
             dt = time.perf_counter() - t
             best, spent = min(best, dt), spent + dt
             if spent > budget:
@@ -122,7 +125,7 @@ class PrivateMemory:
 
 
 def run_backend(backend: str, img_path: str, cap_path: str, k_i2t: int, k_t2i: int,
-                sample: int, precision: str = "auto") -> dict:
+                sample: int, precision: str = "auto", device: str = "cpu") -> dict:
     """Runs in a subprocess: its peak memory is the backend's own."""
     import torch
 
@@ -135,21 +138,23 @@ def run_backend(backend: str, img_path: str, cap_path: str, k_i2t: int, k_t2i: i
     if backend == "torch":                 # as the mine stage runs it
         from pipeline.mining.knn_torch import mine_torch
 
-        res = mine_torch(img, cap, k_i2t, k_t2i, precision=precision, scratch=scratch)
+        res = mine_torch(img, cap, k_i2t, k_t2i, precision=precision, device=device,
+                         scratch=None if device.startswith("cuda") else scratch)
     elif backend == "torch-in-memory":
         from pipeline.mining.knn_torch import mine_torch
 
-        res = mine_torch(np.array(img), np.array(cap), k_i2t, k_t2i, precision=precision)
+        res = mine_torch(np.array(img), np.array(cap), k_i2t, k_t2i, precision=precision,
+                         device=device)
     elif backend == "torch-fp32":
         from pipeline.mining.knn_torch import mine_torch
 
-        res = mine_torch(img, cap, k_i2t, k_t2i, precision="fp32")
+        res = mine_torch(img, cap, k_i2t, k_t2i, precision="fp32", device=device)
     elif backend == "faiss":
         from pipeline.mining.knn_faiss import mine_faiss
 
-        res = mine_faiss(img, cap, k_i2t, k_t2i, index="flat")
+        res = mine_faiss(img, cap, k_i2t, k_t2i, index="flat", use_gpu=device.startswith("cuda"))
     elif backend == "reference":
-        out = reference_scheme(img, cap, k_i2t, k_t2i, sample)
+        out = reference_scheme(img, cap, k_i2t, k_t2i, sample, device)
         out["peak_private_gb"] = mem.close() / 1e9
         return out
     else:
@@ -167,13 +172,14 @@ def run_backend(backend: str, img_path: str, cap_path: str, k_i2t: int, k_t2i: i
             "peak_private_gb": peak_private / 1e9}
 
 
-def reference_scheme(img, cap, k_i2t, k_t2i, sample: int) -> dict:
+def reference_scheme(img, cap, k_i2t, k_t2i, sample: int, device: str = "cpu") -> dict:
     """AOQ's tools: one query at a time, a GEMV against the whole gallery, positives set to
     -9999, top-k. Timed on `sample` queries per direction and extrapolated."""
     import torch
 
-    img_t = torch.from_numpy(np.ascontiguousarray(img))
-    cap_t = torch.from_numpy(np.ascontiguousarray(cap))
+    img_t = torch.from_numpy(np.ascontiguousarray(img)).to(device)
+    cap_t = torch.from_numpy(np.ascontiguousarray(cap)).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     n_img, n_cap = img_t.shape[0], cap_t.shape[0]
     rng = np.random.default_rng(0)
     t = time.perf_counter()
@@ -181,21 +187,24 @@ def reference_scheme(img, cap, k_i2t, k_t2i, sample: int) -> dict:
         s = cap_t @ img_t[i]
         s[5 * i:5 * i + 5] = -9999
         torch.topk(s, k_i2t)
+    sync()
     per_i2t = (time.perf_counter() - t) / min(sample, n_img)
     t = time.perf_counter()
     for j in rng.choice(n_cap, size=min(sample, n_cap), replace=False):
         s = img_t @ cap_t[j]
         s[j // 5] = -9999
         torch.topk(s, k_t2i)
+    sync()
     per_t2i = (time.perf_counter() - t) / min(sample, n_cap)
     return {"seconds": per_i2t * n_img + per_t2i * n_cap, "sampled": int(sample),
             "n_img": n_img, "n_cap": n_cap, "threads": torch.get_num_threads()}
 
 
-def in_subprocess(backend, img_path, cap_path, k_i2t, k_t2i, sample, precision) -> dict:
+def in_subprocess(backend, img_path, cap_path, k_i2t, k_t2i, sample, precision,
+                  device="cpu") -> dict:
     cmd = [sys.executable, __file__, "--worker", backend, "--img", str(img_path),
            "--cap", str(cap_path), "--k-i2t", str(k_i2t), "--k-t2i", str(k_t2i),
-           "--sample", str(sample), "--precision", precision]
+           "--sample", str(sample), "--precision", precision, "--device", device]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     out = proc.stdout.read()
@@ -222,6 +231,7 @@ def main(argv=None) -> int:
                          "--memory-sizes use the first")
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (GEMM rates measured there too)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--img", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cap", default=None, help=argparse.SUPPRESS)
@@ -229,7 +239,7 @@ def main(argv=None) -> int:
 
     if args.worker:
         print(json.dumps(run_backend(args.worker, args.img, args.cap, args.k_i2t, args.k_t2i,
-                                     args.sample, args.precision)))
+                                     args.sample, args.precision, args.device)))
         return 0
 
     import torch
@@ -239,10 +249,11 @@ def main(argv=None) -> int:
     n_cap = 5 * n_img
     flop = 2.0 * n_img * n_cap * dim
     coco_flop = 2.0 * COCO[0] * COCO[1] * COCO[2]
-    print(f"CPU: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"CPU: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+          + (f"; device {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else ""))
     print(f"size: {n_img} x {n_cap} x {dim}, K {args.k_i2t}/{args.k_t2i}")
     img_path, cap_path = make_embeddings(n_img, dim, args.seed, tmp)
-    rates = gemm_rates(dim)
+    rates = gemm_rates(dim, device=args.device)
     print(f"GEMM (4096 x 8192 x {dim}): " + ", ".join(f"{p} {r:.0f} GFLOP/s" for p, r in rates.items()))
     precisions = [p for p in args.precision.split(",") if p]
 
@@ -251,7 +262,7 @@ def main(argv=None) -> int:
     for backend in [b for b in args.backends.split(",") if b]:
         for prec in (precisions if backend == "torch" else precisions[:1]):
             r = in_subprocess(backend, img_path, cap_path, args.k_i2t, args.k_t2i, args.sample,
-                              prec)
+                              prec, args.device)
             name = f"{backend} ({prec})" if backend.startswith("torch") else backend
             if prec == "auto" and r.get("precision"):
                 name = f"{backend} (auto -> {r['precision']})"
@@ -264,7 +275,8 @@ def main(argv=None) -> int:
             print(f"  {name}: {r['seconds']:.1f} s", flush=True)
     for size in [int(x) for x in args.memory_sizes.split(",") if x]:
         ip, cp = make_embeddings(size, dim, args.seed + 1, tmp)
-        r = in_subprocess("torch", ip, cp, args.k_i2t, args.k_t2i, args.sample, precisions[0])
+        r = in_subprocess("torch", ip, cp, args.k_i2t, args.k_t2i, args.sample, precisions[0],
+                          args.device)
         rate = 2.0 * size * 5 * size * dim / r["seconds"] / 1e9
         rows.append((f"torch ({r['precision']}) @ {size} images", r["seconds"], rate,
                      rate / rates["bf16"], r["peak_private_gb"], r["peak_rss_gb"], None))

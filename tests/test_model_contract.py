@@ -338,3 +338,43 @@ def test_config_round_trip(model, name):
     state = model.state_dict()
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in state.items()}
     rebuilt.load_state_dict(state)  # strict
+
+
+# --------------------------------------------------------------------------- CUDA
+def _cuda(batch: dict) -> dict:
+    return {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_scores_and_aoq_step_equal_the_cpu(name, bert_folder, monkeypatch):
+    """On the GPU: `similarity`, `pair_scores` and one batched AOQ step (loss, gradients)
+    equal the CPU's to 1e-4, with every tensor of the step on the device. TF32 off (cuDNN's
+    GRU uses it by default: 1e-3 relative, which is training noise, not a bug)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    cpu = build(name, bert_folder).eval()
+    gpu = build(name, bert_folder).eval().cuda()
+    batch = inputs(cpu, seed=9)
+    img, txt = encode(cpu, batch)
+    gi, gt = encode(gpu, _cuda(batch))
+    with torch.no_grad():
+        s = gpu.similarity(gi, gt)
+        assert s.device.type == "cuda"
+        close(s.cpu(), cpu.similarity(img, txt), tol=1e-4, msg="similarity")
+        close(gpu.pair_scores(gi, gt).cpu(), cpu.pair_scores(img, txt), tol=1e-4, msg="pair_scores")
+    stacked = stacked_batch(cpu)
+    out = []
+    for m, b in ((_train_mode(build(name, bert_folder)), stacked),
+                 (_train_mode(build(name, bert_folder)).cuda(), _cuda(stacked))):
+        torch.manual_seed(0)
+        loss, _ = quintuplet_loss(m, b, AOQSettings(loss="aoq"), "batched")
+        loss.backward()
+        out.append((loss.detach().cpu(), {n: p.grad.cpu() for n, p in m.named_parameters()
+                                          if p.grad is not None}))
+    (l_cpu, g_cpu), (l_gpu, g_gpu) = out
+    assert torch.isfinite(l_gpu)
+    close(l_gpu, l_cpu, tol=1e-4, msg="AOQ loss")
+    assert g_gpu.keys() == g_cpu.keys()
+    for n in g_cpu:
+        close(g_gpu[n], g_cpu[n], tol=1e-3, msg=f"gradient of {n}")

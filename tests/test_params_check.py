@@ -28,7 +28,8 @@ def test_shipped_params_pass_and_the_output_is_the_same_bytes(tmp_path, capsys):
     for i, src in enumerate(("params.yaml", "params.smoke.yaml")):
         out = tmp_path / f"check{i}" / "params_check.json"
         assert main(["check-params", "--params", str(ROOT / src), "--out", str(out)]) == 0
-        assert "vse_inf-triplet, vse_inf-aoq, vsrn-triplet, vsrn-aoq" in capsys.readouterr().out
+        assert ("vse_inf-triplet, vse_inf-aoq, vsrn-triplet, vsrn-aoq, bfan-triplet, bfan-aoq"
+                in capsys.readouterr().out)
         outs.append(out.read_bytes())
     # no names in it: a params edit that passes leaves `prepare` (downstream) cached
     assert outs[0] == outs[1]

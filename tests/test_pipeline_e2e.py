@@ -31,16 +31,18 @@ def test_dvc_repro_smoke(tmp_path):
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
     shutil.copy(ROOT / "params.smoke.yaml", work / "params.yaml")
     # the stages' deps name the code they run (dvc.yaml)
-    for code in ("configs", "pipeline", "stages"):
+    for code in ("configs", "pipeline", "stages", "cli"):
         shutil.copytree(ROOT / code, work / code,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     _dvc(["init", "-q"], work)
     out = _dvc(["repro"], work)
-    runs = [f"{m}-{lo}" for m in ("vse_inf", "vsrn") for lo in ("triplet", "aoq")]
+    runs = [f"{m}-{lo}" for m in ("vse_inf", "vsrn", "bfan") for lo in ("triplet", "aoq")]
+    pretrained = ("vsrn", "bfan", "scan", "sgr", "saf")
     group = {r: "online" if r.endswith("-triplet") else "offline" for r in runs}
     for stage in ("check_params", "prepare", "train_base", "evaluate_base", "embed", "mine",
-                  "report", "pretrain@vsrn", "evaluate_pretrain@vsrn",
+                  "report", "ensemble@sgraf", *(f"pretrain@{m}" for m in pretrained),
+                  *(f"evaluate_pretrain@{m}" for m in pretrained),
                   *(f"finetune_{group[r]}@{r}" for r in runs),
                   *(f"evaluate_{group[r]}@{r}" for r in runs)):
         assert f"Running stage '{stage}'" in out
@@ -68,8 +70,10 @@ def test_dvc_repro_smoke(tmp_path):
     # finetune -> evaluate -> report: one row per run plus the two bases; AOQ logged its
     # weights; VSRN was fine-tuned from the pretrain stage's checkpoint
     report = (work / "artifacts/report/report.md").read_text()
-    assert report.count("\n| ") == 1 + 2 + len(runs)  # header, base, vsrn (pretrain), runs
-    assert "| vsrn | (pretrain) |" in report
+    # header, base, the pretrained bases, the runs, the SGRAF ensemble (SGR + SAF)
+    assert report.count("\n| ") == 1 + 1 + len(pretrained) + len(runs) + 1, report
+    assert "| vsrn | (pretrain) |" in report and "| bfan | aoq |" in report
+    assert "| ensemble sgraf | (mean of sgr + saf) |" in report
     ft_meta = json.loads((work / "artifacts/finetune/vsrn-aoq/checkpoint/config.json").read_text())
     assert "artifacts/pretrain/vsrn/checkpoint" in json.dumps(ft_meta)
     assert (work / "artifacts/report/recall.png").read_bytes()[:4] == b"\x89PNG"
@@ -79,7 +83,8 @@ def test_dvc_repro_smoke(tmp_path):
     # each run depends on its own base only, and a triplet run on no candidates
     lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
     deps = {r: {d["path"] for d in lock[f"finetune_{group[r]}@{r}"]["deps"]} for r in runs}
-    base = {"vse_inf": "artifacts/base/checkpoint", "vsrn": "artifacts/pretrain/vsrn/checkpoint"}
+    base = {"vse_inf": "artifacts/base/checkpoint", "vsrn": "artifacts/pretrain/vsrn/checkpoint",
+            "bfan": "artifacts/pretrain/bfan/checkpoint"}
     for r in runs:
         model = r.split("-")[0]
         data_deps = {d for d in deps[r] if d.startswith(("artifacts/", "configs/"))}
