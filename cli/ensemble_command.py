@@ -63,14 +63,18 @@ def ensemble(checkpoints, data_dir, split, protocol, weights, out_json, groups_j
     gallery, members = load_ensemble(checkpoints, data_dir, split, device=device,
                                      batch_size=batch_size, weights=_weights(weights, len(checkpoints)),
                                      progress=not quiet)
-    metrics = gallery.evaluate(protocol, source="ensemble")
+    with_groups = (Path(data_dir) / f"{split}_graphs.jsonl").exists()
+    if with_groups:             # the family metrics need the matrix: score it once
+        metrics, matrix = gallery.evaluate_and_matrix(protocol, source="ensemble")
+    else:
+        metrics = gallery.evaluate(protocol, source="ensemble")
     metrics["members"] = members
     metrics["weights"] = [round(float(w), 6) for w in gallery.weights]
     name = " + ".join(f"{m['model']}({Path(m['checkpoint']).parent.name})" for m in members)
     click.echo(format_metrics_table({f"ensemble/{split}": metrics},
                                     title=f"{name}, protocol {metrics['protocol']}"))
-    if (Path(data_dir) / f"{split}_graphs.jsonl").exists():
-        groups = family_evaluation(data_dir, split, gallery.matrix())
+    if with_groups:
+        groups = family_evaluation(data_dir, split, matrix)
         metrics["groups"] = groups
         if groups_json:
             write_json(groups_json, groups)

@@ -207,6 +207,16 @@ class Gallery:
         return evaluate_block_fn(self._checked_block(source), pos, self.n_img, protocol,
                                  source=source)
 
+    def evaluate_and_matrix(self, protocol: str, source="embeddings") -> tuple[dict, np.ndarray]:
+        """(metrics, the whole matrix) where both are needed (the embedded data's family
+        metrics): a cross model's or an ensemble's matrix is scored once, not twice."""
+        if self.indexable:
+            return self.evaluate(protocol, source=source), self.matrix()
+        from pipeline.evaluation.protocols import evaluate_sims
+
+        matrix = self._checked_block(source)(0, self.n_img, 0, self.n_cap)
+        return evaluate_sims(matrix, protocol, source=source), matrix
+
     def _checked_block(self, source):
         def block(r0, r1, c0, c1):
             s = self.block(r0, r1, c0, c1)

@@ -67,6 +67,9 @@ def run(*, checkpoint, data_dir, split: str = "test", protocol: str = "full",
     gallery = encode_gallery(model, data, batch_size=batch_size, device=device,
                              progress=progress, source=checkpoint)  # refuses NaN / zero rows
     matrix = None
+    graphs_file = Path(data_dir) / f"{split}_graphs.jsonl"
+    # two-stage: the family metrics need the full matrix, so only when asked for by name
+    want_groups = graphs_file.exists() and (not shortlist or groups_json)
     if shortlist:
         metrics = two_stage.evaluate_two_stage(
             gallery, first_img, first_cap, protocol,
@@ -84,14 +87,14 @@ def run(*, checkpoint, data_dir, split: str = "test", protocol: str = "full",
         metrics = evaluate_sims(matrix, protocol, source=str(sims))
         metrics["sims"] = str(sims)
         metrics["sims_blocks_computed"] = done["blocks_computed"]
+    elif want_groups:
+        metrics, matrix = gallery.evaluate_and_matrix(protocol, source=checkpoint)
     else:
         metrics = gallery.evaluate(protocol)
     if out_json:
         write_json(out_json, metrics)
     result = {"metrics": metrics}
-    graphs_file = Path(data_dir) / f"{split}_graphs.jsonl"
-    # two-stage: the family metrics need the full matrix, so only when asked for by name
-    if graphs_file.exists() and (not shortlist or groups_json):
+    if want_groups:
         result["groups"] = family_evaluation(data_dir, split, np.asarray(matrix) if matrix is not None
                                              else gallery.matrix())
         if groups_json:
