@@ -63,10 +63,10 @@ class EnsembleGallery(Gallery):
             out += w * g.block(r0, r1, c0, c1)
         return out.astype(np.float32)
 
-    def positives(self) -> np.ndarray:
-        out = np.zeros(self.n_cap, dtype=np.float64)
+    def pair_scores(self, ii, jj, *, progress: bool = False, desc: str = "score pairs") -> np.ndarray:
+        out = np.zeros(np.shape(ii), dtype=np.float64)
         for w, g in zip(self.weights, self.members):
-            out += w * g.positives()
+            out += w * g.pair_scores(ii, jj, progress=progress, desc=desc)
         return out.astype(np.float32)
 
 

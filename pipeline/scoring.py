@@ -8,10 +8,11 @@ candidate refresh and mining's entry point all come here, whatever the model's k
   Only they can be indexed (`require_indexable`).
 * **cross** models keep their encoders' outputs (regions and words with their lengths)
   and score memory-bounded blocks of (images x captions) through `model.similarity`
-  (`model.score_block` of them per call); the positives through `model.pair_scores`.
+  (`model.score_block` of them per call), and any set of pairs (the positives, a
+  two-stage shortlist, re-scored candidates) as small blocks of the same shard path.
 
-A `Gallery` is one split encoded once; `block(r0, r1, c0, c1)` is the hook a shortlist
-(two-stage) evaluation calls for the rows and columns it wants.
+A `Gallery` is one split encoded once; `block(r0, r1, c0, c1)` scores a rectangle,
+`pair_scores(ii, jj)` a list of (image, caption) pairs.
 """
 from __future__ import annotations
 
@@ -134,6 +135,35 @@ def encode_caption_range(model, split, start: int, stop: int, *, batch_size: int
     return unit_rows(enc.data) if normalize else enc.data.float().numpy()
 
 
+PAIR_SLACK = 1.25          # a pair block may score this many times the pairs it is for
+PAIR_BLOCK_CELLS = 1 << 16  # images x captions of one pair block (at most)
+PAIR_MIN_CELLS = 1 << 10    # ... and any block this small may (a call costs more than its waste)
+
+
+def pair_blocks(ii: np.ndarray, jj: np.ndarray, *, max_cells: int = PAIR_BLOCK_CELLS,
+                slack: float = PAIR_SLACK, min_cells: int = PAIR_MIN_CELLS
+                ) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+    """Blocks (p0, p1, rows, cols) covering the distinct pairs (ii, jj), sorted by image
+    then caption: pairs p0..p1-1 are those of the images `rows` (consecutive in the pair
+    order), every caption they pair with is in the sorted `cols`. A block grows by the next
+    image while rows x cols stays <= max_cells and <= slack x its pairs or min_cells (one
+    image alone may exceed max_cells; `similarity` bounds its own memory)."""
+    starts = np.flatnonzero(np.r_[True, ii[1:] != ii[:-1]])
+    ends = np.r_[starts[1:], ii.size]
+    blocks, b = [], 0
+    while b < starts.size:
+        p0, cols, e = starts[b], jj[starts[b]:ends[b]], b + 1
+        while e < starts.size:
+            grown = np.union1d(cols, jj[starts[e]:ends[e]])
+            cells = (e + 1 - b) * grown.size
+            if cells > max_cells or cells > max(min_cells, slack * (ends[e] - p0)):
+                break
+            cols, e = grown, e + 1
+        blocks.append((int(p0), int(ends[e - 1]), ii[starts[b:e]], cols))
+        b = e
+    return blocks
+
+
 @dataclass
 class Gallery:
     """A split encoded once by a model, scored on demand."""
@@ -178,17 +208,37 @@ class Gallery:
 
     def positives(self) -> np.ndarray:
         """(n_cap,) S[j // 5, j]: each caption's score with its own image."""
+        j = np.arange(self.n_cap)
+        return self.pair_scores(j // CAPS_PER_IMAGE, j)
+
+    def pair_scores(self, ii, jj, *, progress: bool = False, desc: str = "score pairs") -> np.ndarray:
+        """float32 S[ii[p], jj[p]] of any (image, caption) pairs (global ids), in any order,
+        repeats allowed. A cross model scores them as blocks of `model.similarity` (its fast
+        shard path): the pairs are grouped by image, and consecutive images whose caption
+        sets overlap share one block (image rows x the union of their captions) as long as
+        it computes at most PAIR_SLACK x the pairs asked for."""
+        ii, jj = np.asarray(ii, dtype=np.int64), np.asarray(jj, dtype=np.int64)
+        out = np.empty(ii.shape, dtype=np.float32)
+        if ii.size == 0:
+            return out
         if self.indexable:
             img, cap = self.rows()
-            return (img[np.arange(self.n_cap) // CAPS_PER_IMAGE] * cap).sum(axis=1)
-        out = np.empty(self.n_cap, dtype=np.float32)
-        step = self.model.score_block[1]
+            for a in range(0, ii.size, 1 << 16):
+                b = a + (1 << 16)
+                out[a:b] = np.einsum("pd,pd->p", img[ii[a:b]], cap[jj[a:b]])
+            return out
+        keys, inverse = np.unique(ii * self.n_cap + jj, return_inverse=True)
+        ki, kj = keys // self.n_cap, keys % self.n_cap
+        flat = np.empty(keys.size, dtype=np.float32)
+        blocks = pair_blocks(ki, kj, max_cells=PAIR_BLOCK_CELLS)
         with eval_mode(self.model):
-            for c in range(0, self.n_cap, step):
-                idx = torch.arange(c, min(self.n_cap, c + step))
-                s = self.model.pair_scores(self.img[idx // CAPS_PER_IMAGE].to(self.device),
-                                           self.cap[idx].to(self.device))
-                out[c:c + len(idx)] = s.float().cpu().numpy()
+            for p0, p1, rows, cols in progress_bar(blocks, desc=desc, disable=not progress,
+                                                   leave=False):
+                s = self.model.similarity(self.img[torch.from_numpy(rows)].to(self.device),
+                                          self.cap[torch.from_numpy(cols)].to(self.device))
+                s = s.float().cpu().numpy()
+                flat[p0:p1] = s[np.searchsorted(rows, ki[p0:p1]), np.searchsorted(cols, kj[p0:p1])]
+        out[...] = flat[inverse.reshape(ii.shape)]
         return out
 
     def matrix(self) -> np.ndarray:

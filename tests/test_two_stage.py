@@ -72,7 +72,6 @@ def reference_ranks(s1: np.ndarray, s2: np.ndarray, k: int):
 @pytest.mark.parametrize("which", ["bfan", "toy"])
 def test_ranks_equal_the_explicit_composite(which, bfan_ckpt, toy_ckpt, tiny_data, test_embs):
     gallery = _gallery(bfan_ckpt if which == "bfan" else toy_ckpt, tiny_data)
-    assert two_stage._fast_pair_path(gallery.model) == (which == "bfan")
     img, cap = _first_rows(test_embs)
     s1, s2 = img @ cap.T, gallery.matrix()
     for k in (1, 3, 10, 40):
@@ -115,19 +114,43 @@ def test_k_n_cap_is_the_full_cross_evaluation(bfan_ckpt, tiny_data, test_embs, m
     assert {k: got3[k] for k in full5} == pytest.approx(P._finish(folds, "coco1k_5fold"), abs=1e-12)
 
 
-def test_fast_pair_path_equals_pair_scores_and_blocks(bfan_ckpt, tiny_data, monkeypatch):
-    gallery = _gallery(bfan_ckpt, tiny_data)
+@pytest.mark.parametrize("which", ["bfan", "toy"])
+def test_gallery_pair_scores_equal_pair_scores_and_blocks(which, bfan_ckpt, toy_ckpt, tiny_data,
+                                                          monkeypatch):
+    """Gallery.pair_scores (blocks of the shard path, grouped by image) = the model's
+    aligned-pair scorer = the full matrix, for pairs in any order with repeats."""
+    import pipeline.scoring as scoring
+
+    gallery = _gallery(bfan_ckpt if which == "bfan" else toy_ckpt, tiny_data)
     rng = np.random.default_rng(0)
     ii, jj = rng.integers(0, 25, 300), rng.integers(0, 125, 300)
-    order = np.lexsort((jj, ii))
-    ii, jj = ii[order], jj[order]
-    monkeypatch.setattr(two_stage, "PAIR_BUDGET", 1 << 14)       # several chunks
-    fast = two_stage.pair_scores(gallery, ii, jj)
+    ii[-10:], jj[-10:] = ii[:10], jj[:10]                        # repeats
+    monkeypatch.setattr(scoring, "PAIR_BLOCK_CELLS", 64)          # many blocks
+    got = gallery.pair_scores(ii, jj)
     with torch.no_grad():
         want = gallery.model.eval().pair_scores(gallery.img[torch.from_numpy(ii)],
                                                 gallery.cap[torch.from_numpy(jj)]).numpy()
-    np.testing.assert_allclose(fast, want, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(fast, gallery.matrix()[ii, jj], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got, gallery.matrix()[ii, jj], rtol=1e-6, atol=1e-7)
+
+
+def test_pair_blocks_cover_every_pair_once_within_the_slack():
+    from pipeline.scoring import pair_blocks
+
+    rng = np.random.default_rng(1)
+    keys = np.unique(rng.integers(0, 40, 900) * 1000 + rng.integers(0, 1000, 900))
+    ii, jj = keys // 1000, keys % 1000
+    blocks = pair_blocks(ii, jj, max_cells=4000, slack=1.5, min_cells=16)
+    assert blocks[0][0] == 0 and blocks[-1][1] == len(ii)
+    for (p0, p1, rows, cols), nxt in zip(blocks, blocks[1:] + [(len(ii),)]):
+        assert p1 == nxt[0]                                     # contiguous, no pair twice
+        assert np.array_equal(rows, np.unique(ii[p0:p1]))
+        assert np.isin(jj[p0:p1], cols).all() and np.array_equal(cols, np.unique(cols))
+        cells = len(rows) * len(cols)
+        assert len(rows) == 1 or (cells <= 4000 and cells <= max(16, 1.5 * (p1 - p0)))
+    # captions shared by consecutive images: one block holds them all
+    ii, jj = np.repeat(np.arange(8), 10), np.tile(np.arange(10), 8)
+    assert [(b[0], b[1]) for b in pair_blocks(ii, jj)] == [(0, 80)]
 
 
 def test_shortlist_mask_ties_go_to_the_lower_index():

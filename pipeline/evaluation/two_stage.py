@@ -32,10 +32,10 @@ that fold's gallery only, and the shortlist is computed within the fold.
 
 Cost: (n_img * K_i2t + n_cap * K_t2i) cross scores per fold at most (the union of both
 directions' pairs is scored once), against n_img * n_cap for the full matrix: on COCO-5K
-with K = 100, 3.0M pairs instead of 125M. The pairs are scored in memory-bounded chunks,
-grouped by image, through the model's aligned-pair scorer (pipeline.models.cross_attention's
-formula on chunk-local prepared items for the SCAN-lineage models, `model.pair_scores`
-otherwise). The first stage is a tiled float32 GEMM, one row block at a time.
+with K = 100, 3.0M pairs instead of 125M. The pairs are scored by Gallery.pair_scores
+(pipeline.scoring: grouped by image, as small blocks of the model's own shard path; an
+ensemble averages its members'). The first stage is a tiled float32 GEMM, one row block
+at a time.
 """
 from __future__ import annotations
 
@@ -53,7 +53,6 @@ from pipeline.evaluation.ranks import metrics_from_ranks
 from pipeline.progress import progress as progress_bar
 
 DEFAULT_K = 100
-PAIR_BUDGET = 1 << 24          # elements of one chunk's gathered pair tensors (about)
 QUERY_CHUNK = 256              # first-stage queries per GEMM block
 
 
@@ -109,64 +108,10 @@ def _stage_one(q_rows: np.ndarray, g_rows: np.ndarray, gt_of, k: int, progress: 
 
 
 # --------------------------------------------------------------------------- cross scores
-def _fast_pair_path(model) -> bool:
-    from pipeline.models.cross_attention import CrossAttentionModel
-
-    return isinstance(model, CrossAttentionModel) and \
-        type(model).pair_scores is CrossAttentionModel.pair_scores
-
-
-def _items_pair_scores(model, img, cap, ii: torch.Tensor, jj: torch.Tensor,
-                       device="cpu") -> torch.Tensor:
-    """CrossAttentionModel.pair_scores of pairs (img[ii], cap[jj]), each distinct image and
-    caption of the chunk prepared (dtype, norms, Gram) once instead of once per pair."""
-    from pipeline.models.cross_attention import Items, direction_scores
-
-    dtype = model.compute_dtype()
-    ui, li = torch.unique(ii, return_inverse=True)
-    uj, lj = torch.unique(jj, return_inverse=True)
-    v, w = Items.of(img[ui].to(device), dtype), Items.of(cap[uj].to(device), dtype)
-    vp = Items(v.data[li], v.lengths[li], v.valid[li], v.norm[li], v.gram[li])
-    wp = w.take(lj)
-    dots = torch.einsum("pld,prd->plr", wp.data, vp.data).unsqueeze(1)    # (P, 1, L, R)
-    total = 0.0
-    for att in model.attentions:
-        if att.direction == "t2i":
-            s = direction_scores(dots, wp.valid[:, None], vp.valid[:, None], wp.norm[:, None],
-                                 vp.gram, att)
-        else:
-            s = direction_scores(dots.transpose(-1, -2).contiguous(), vp.valid[:, None],
-                                 wp.valid[:, None], vp.norm[:, None], wp.gram, att)
-        total = total + s[:, 0]
-    return total.to(img.data.dtype)
-
-
 def pair_scores(gallery, ii: np.ndarray, jj: np.ndarray, *, source=None,
                 progress: bool = False) -> np.ndarray:
-    """float32 cross scores S[ii[p], jj[p]] (global ids), in memory-bounded chunks."""
-    from pipeline.scoring import eval_mode
-
-    model = gallery.model
-    n = len(ii)
-    out = np.empty(n, dtype=np.float32)
-    if n == 0:
-        return out
-    r = int(gallery.img.data.shape[1]) if gallery.img.data.dim() > 2 else 1
-    lw = int(gallery.cap.data.shape[1]) if gallery.cap.data.dim() > 2 else 1
-    d = int(gallery.img.data.shape[-1])
-    per_pair = (r + lw) * d + 2 * lw * r + r * r + lw * lw
-    step = max(16, PAIR_BUDGET // max(1, per_pair))
-    fast = _fast_pair_path(model)
-    ii_t, jj_t = torch.from_numpy(np.asarray(ii, np.int64)), torch.from_numpy(np.asarray(jj, np.int64))
-    with eval_mode(model):
-        for a in progress_bar(range(0, n, step), desc="cross re-score", disable=not progress,
-                              leave=False):
-            i, j = ii_t[a:a + step], jj_t[a:a + step]
-            if fast:
-                s = _items_pair_scores(model, gallery.img, gallery.cap, i, j, gallery.device)
-            else:
-                s = model.pair_scores(gallery.img[i].to(gallery.device), gallery.cap[j].to(gallery.device))
-            out[a:a + len(i)] = s.float().cpu().numpy()
+    """float32 cross scores S[ii[p], jj[p]] (global ids); a non-finite one is an InputError."""
+    out = gallery.pair_scores(ii, jj, progress=progress, desc="cross re-score")
     ok = np.isfinite(out)
     if not ok.all():
         p = int(np.argmin(ok))

@@ -3,7 +3,7 @@
 A cross-attention model cannot be indexed: its score needs the image and the caption
 together, so it cannot mine a split on its own (25,000 x 5,000 pairs of BFAN take an hour
 on 2 cores; a COCO train split, months). The independent pass shortlists K' candidates
-per query, exactly; the re-scorer scores those pairs (through `pair_scores`, in batches)
+per query, exactly; the re-scorer scores those pairs (Gallery.pair_scores: blocks grouped by image)
 and re-orders them by its own score, ties to the lower id, keeping the first K. The
 candidate files then carry the re-scorer's scores and order, in the same AOQ / Parquet
 formats; the metadata records the re-scorer and K'.
@@ -17,14 +17,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from pipeline.data import CAPS_PER_IMAGE
 from pipeline.errors import InputError
 from pipeline.mining.reference import KnnResult
-from pipeline.progress import progress as progress_bar
-
-PAIR_BATCH = 2048   # pairs per `pair_scores` call (memory: the model's per-pair tensors)
 
 
 def shortlist_sizes(rescore_k: int | None, k_i2t: int, k_t2i: int) -> tuple[int, int]:
@@ -39,18 +35,7 @@ def shortlist_sizes(rescore_k: int | None, k_i2t: int, k_t2i: int) -> tuple[int,
 def _pair_scores(gallery, img_ids: np.ndarray, cap_ids: np.ndarray, source, desc: str,
                  progress: bool) -> np.ndarray:
     """float32 scores of the pairs (img_ids[p], cap_ids[p]) under the gallery's model."""
-    from pipeline.scoring import eval_mode
-
-    out = np.empty(img_ids.size, dtype=np.float32)
-    model, dev = gallery.model, gallery.device
-    with eval_mode(model):
-        for a in progress_bar(range(0, img_ids.size, PAIR_BATCH), desc=desc, disable=not progress,
-                              leave=False):
-            b = min(img_ids.size, a + PAIR_BATCH)
-            ii = torch.from_numpy(img_ids[a:b].astype(np.int64))
-            cc = torch.from_numpy(cap_ids[a:b].astype(np.int64))
-            s = model.pair_scores(gallery.img[ii].to(dev), gallery.cap[cc].to(dev))
-            out[a:b] = s.float().cpu().numpy()
+    out = gallery.pair_scores(img_ids, cap_ids, progress=progress, desc=desc)
     if not np.isfinite(out).all():
         p = int(np.flatnonzero(~np.isfinite(out))[0])
         raise InputError(source, f"the re-scorer gives a non-finite score for image "

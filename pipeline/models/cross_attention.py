@@ -34,7 +34,10 @@ Batched formulation. Since c_q is a weighted sum of the sources,
     q . c_q = sum_s a_qs d_qs        |c_q|^2 = a_q^T G a_q,  G = [s . s'] (the sources' Gram)
 so a shard needs only the dot tensor d (Ni, Nt, L, R) (one GEMM, shared by both
 directions) and one Gram matrix per item: no (Ni, Nt, L, D) context is ever built, and
-the per-pair cost is O(L R (1 + R)) (t2i) instead of O(L R D). The images are walked in
+the per-pair cost is O(L R (1 + R)) (t2i) instead of O(L R D). The cosine is invariant to
+the scale of a_q, so the weights stay the softmax numerators e_qs (the focal thresholds
+scale with them too) and only the (.., Q) denominator changes:
+cos_q = e_q.d_q / max(|q| sqrt(e_q^T G e_q), eps sum_s e_qs), exactly the formula above. The images are walked in
 chunks so that an intermediate of one chunk holds at most about `BUDGET` elements,
 whatever the shard; no dimension is ever squeezed (one-image shards, one-word captions).
 Precision: scores are returned in the input dtype and computed in the model's
@@ -114,7 +117,7 @@ def raw_feature_norm(dots: torch.Tensor, q_mask: torch.Tensor, kind: str
     to the L1/L2 norms."""
     x = F.leaky_relu(dots, 0.1) if kind.startswith("clipped") else dots
     if kind.endswith("l2norm"):
-        return x, 1.0 / (_safe_sqrt(x.pow(2).sum(-2, keepdim=True)) + EPS)
+        return x, 1.0 / (_safe_sqrt(x.square().sum(-2, keepdim=True)) + EPS)
     if kind.endswith("l1norm"):
         return x, 1.0 / (x.abs().sum(-2, keepdim=True) + EPS)
     if kind == "softmax":
@@ -122,30 +125,41 @@ def raw_feature_norm(dots: torch.Tensor, q_mask: torch.Tensor, kind: str
     return x, None   # clipped, no_norm
 
 
-def focal_threshold(weights: torch.Tensor, s_mask: torch.Tensor, kind: str) -> torch.Tensor:
+def focal_threshold(weights: torch.Tensor, s_mask: torch.Tensor, kind: str,
+                    peak: float | None = None) -> torch.Tensor:
     """(.., Q, 1) threshold t of the focal gate H_s = [a_s > t]: equal t = sum a / n;
-    prob t = sum a^1.5 / sum sqrt(a); -inf (keep every source) where no weight exceeds it."""
+    prob t = sum a^1.5 / sum sqrt(a); -inf (keep every source) where no weight exceeds it.
+    peak: every row's largest weight when the caller knows it (one pass less)."""
     if kind == "equal":
         thr = weights.sum(-1, keepdim=True) / s_mask.sum(-1, keepdim=True).to(weights.dtype)
     else:
         root = weights.sqrt()
         thr = (weights * root).sum(-1, keepdim=True) / root.sum(-1, keepdim=True)
-    return thr.masked_fill(weights.amax(-1, keepdim=True) <= thr, float("-inf"))
+    top = weights.amax(-1, keepdim=True) if peak is None else peak
+    return thr.masked_fill(top <= thr, float("-inf"))
+
+
+def focal_gate(weights: torch.Tensor, s_mask: torch.Tensor, kind: str,
+               peak: float | None = None) -> torch.Tensor:
+    """BFAN's gate on weights proportional to a_qs (both thresholds scale with the weights):
+    the sources that pass keep their weight, the others get 0; no source passing keeps
+    them all (see the module docstring). The gate itself has no gradient."""
+    with torch.no_grad():
+        thr = focal_threshold(weights, s_mask, kind, peak)
+    return torch.where(weights > thr, weights, 0.0)
 
 
 def focal_refocus(weights: torch.Tensor, s_mask: torch.Tensor, kind: str) -> torch.Tensor:
     """BFAN: keep the sources whose weight passes the focal gate, renormalise; s_mask
-    (.., 1, S). Padding sources have weight 0 and never pass; no source passing keeps
-    them all (the plain weights; see the module docstring). The gate has no gradient."""
-    with torch.no_grad():
-        thr = focal_threshold(weights, s_mask, kind)
-    kept = torch.where(weights > thr, weights, 0.0)
+    (.., 1, S). Padding sources have weight 0 and never pass."""
+    kept = focal_gate(weights, s_mask, kind)
     return kept / kept.sum(-1, keepdim=True)
 
 
-def attention_weights(dots: torch.Tensor, q_valid: torch.Tensor, s_valid: torch.Tensor,
-                      att: Attention) -> torch.Tensor:
-    """a_qs (B, N, Q, S) from the dot products; q_valid (.., Q), s_valid (.., S)."""
+def attention_exp(dots: torch.Tensor, q_valid: torch.Tensor, s_valid: torch.Tensor,
+                  att: Attention) -> torch.Tensor:
+    """e_qs (B, N, Q, S), proportional to a_qs along S (the focal gate applied): the softmax
+    numerators exp(logit - max logit), 0 at padding sources. q_valid (.., Q), s_valid (.., S)."""
     s_mask = s_valid.unsqueeze(-2)
     x, scale = raw_feature_norm(dots, q_valid.unsqueeze(-1), att.raw_norm)
     # padding sources: the lowest finite logit, so that their weight is exactly 0
@@ -154,8 +168,16 @@ def attention_weights(dots: torch.Tensor, q_valid: torch.Tensor, s_valid: torch.
         logits = torch.add(bias, x, alpha=att.lambda_softmax)
     else:
         logits = torch.addcmul(bias, x, att.lambda_softmax * scale)
-    weights = logits.softmax(-1)
-    return weights if att.focal is None else focal_refocus(weights, s_mask, att.focal)
+    e = (logits - logits.detach().amax(-1, keepdim=True)).exp_()
+    # each row's largest numerator is exp(0) = 1 exactly
+    return e if att.focal is None else focal_gate(e, s_mask, att.focal, peak=1.0)
+
+
+def attention_weights(dots: torch.Tensor, q_valid: torch.Tensor, s_valid: torch.Tensor,
+                      att: Attention) -> torch.Tensor:
+    """a_qs (B, N, Q, S) from the dot products; q_valid (.., Q), s_valid (.., S)."""
+    e = attention_exp(dots, q_valid, s_valid, att)
+    return e / e.sum(-1, keepdim=True)
 
 
 def context_norm(weights: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -181,8 +203,11 @@ def direction_scores(dots: torch.Tensor, q_valid: torch.Tensor, s_valid: torch.T
                      q_norm: torch.Tensor, gram: torch.Tensor, att: Attention) -> torch.Tensor:
     """(B, N) scores of one direction. dots (B, N, Q, S); q_valid / q_norm broadcastable to
     (B, N, Q); s_valid to (B, N, S); gram (B, S, S) of the sources' owners."""
-    weights = attention_weights(dots, q_valid, s_valid, att)
-    cos = (weights * dots).sum(-1) / (q_norm * context_norm(weights, gram)).clamp_min(EPS)
+    # cos_q = q.c_q / max(|q| |c_q|, eps) is a ratio of terms linear in the weights: with
+    # e = a * sum(e) it is (e.d) / max(|q| sqrt(e^T G e), eps * sum(e)), which spares the
+    # (B, N, Q, S) normalisation passes (a third of the scoring time)
+    e = attention_exp(dots, q_valid, s_valid, att)
+    cos = (e * dots).sum(-1) / torch.maximum(q_norm * context_norm(e, gram), EPS * e.sum(-1))
     return aggregate(cos, q_valid, att.aggregation, att.lambda_lse)
 
 
