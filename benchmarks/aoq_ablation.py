@@ -51,14 +51,18 @@ def finetune_and_score(model, base, data, candidates, loss, out, *, seed, epochs
             "seconds": seconds}
 
 
-def quarter_epoch_steps(model, data, train) -> int:
-    """A quarter of an epoch's optimizer steps, rounded up: even a 1-epoch fine-tune
-    refreshes its candidates a few times."""
+def epoch_steps(model, data, train) -> int:
+    """Optimizer steps of one epoch of the recipe."""
     from pipeline.data.precomp import open_split
     from stages.train_base import settings_for
 
-    steps = open_split(data, "train").n_captions // settings_for(model, train).batch_size
-    return max(1, math.ceil(steps / 4))
+    return open_split(data, "train").n_captions // settings_for(model, train).batch_size
+
+
+def quarter_epoch_steps(model, data, train) -> int:
+    """A quarter of an epoch's optimizer steps, rounded up: even a 1-epoch fine-tune
+    refreshes its candidates a few times."""
+    return max(1, math.ceil(epoch_steps(model, data, train) / 4))
 
 
 def step_times(model_name, base, data, candidates, *, steps: int, batch_size: int,
@@ -222,9 +226,13 @@ def main(argv=None) -> int:
                     if "aoq" not in done or "triplet" not in done:
                         continue  # defined relative to those two
                     # from the step times of this run: wall-clock of whole runs is too noisy
-                    # on a shared machine
+                    # on a shared machine. The budget is in steps (max_steps cuts the last
+                    # epoch), not whole epochs: BFAN's AOQ step is 1.2x triplet's
                     st = r["step_seconds"]
-                    kw["epochs"] = max(epochs, round(epochs * st["aoq_batched"] / st["triplet"]))
+                    per_epoch = epoch_steps(model, data, train)
+                    steps = round(epochs * per_epoch * st["aoq_batched"] / st["triplet"])
+                    kw["epochs"] = max(epochs, math.ceil(steps / per_epoch))
+                    kw["train"] = {**train, "max_steps": max(steps, epochs * per_epoch)}
                 loss = v.split("+")[0].split(" ")[0]
                 earlier = [x for x in prev.get(v, []) if x.get("seed") == seed
                            and x.get("refresh_steps") == kw.get("refresh_steps")]
@@ -234,7 +242,9 @@ def main(argv=None) -> int:
                     continue
                 res = finetune_and_score(model, base, data, cands, loss,
                                          out / model / f"{v.replace(' ', '_')}-s{seed}", **kw)
-                res.update(epochs=kw["epochs"], seed=seed, refresh_steps=kw.get("refresh_steps"))
+                budget = kw["train"].get("max_steps")
+                res.update(epochs=round(budget / per_epoch, 2) if budget else kw["epochs"],
+                           seed=seed, refresh_steps=kw.get("refresh_steps"))
                 done[v] = res
                 r["runs"][v].append(res)
                 print(f"{model} seed {seed} {v}: {res}", flush=True)

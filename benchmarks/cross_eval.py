@@ -17,8 +17,14 @@ rows against all captions (Gallery.block, the path `evaluate` takes); the refere
 per-caption shard loop (benchmarks/cross_scoring.py) extrapolated from --loop-captions
 captions against all images.
 
+With --data / --first-checkpoint / --cross-checkpoint, part 1 scores trained models instead
+(the default pipeline's: its base VSE model and its AOQ fine-tuned BFAN).
+
 Usage:
     python benchmarks/cross_eval.py                   # ~5 minutes on 2 cores
+    python benchmarks/cross_eval.py --skip-coco --k 50 100 200 --data artifacts/data \\
+        --first-checkpoint artifacts/base/checkpoint \\
+        --cross-checkpoint artifacts/finetune/bfan-aoq/checkpoint
     python benchmarks/cross_eval.py --n-test 500 --coco-images 2000   # quicker
 """
 from __future__ import annotations
@@ -65,32 +71,46 @@ def top10_inside(s1: np.ndarray, s2: np.ndarray, k: int) -> tuple[float, float]:
 
 
 def part_embedded(args, work: Path) -> list[str]:
+    from pipeline.checkpoint import load_checkpoint
     from pipeline.data.synthetic import SyntheticConfig, generate
     from stages import train_base
 
-    data = work / "data"
-    t = time.perf_counter()
-    generate(data, SyntheticConfig(n_train=args.n_train, n_dev=100, n_test=args.n_test,
-                                   feature_dim=args.feature_dim, seed=0), progress=False)
-    t_gen = time.perf_counter() - t
-    t = time.perf_counter()
-    first = train_base.run(model="vse_inf", data_dir=data, out_dir=work / "first",
-                           model_options={"embed_size": 128, "word_dim": 64},
-                           train_options={"epochs": args.first_epochs, "batch_size": 128,
-                                          "seed": 0}, progress=False)
-    t_first = time.perf_counter() - t
-    if args.cross_epochs:
+    t_gen = t_first = 0.0
+    if args.data:
+        data = Path(args.data)
+    else:
+        data = work / "data"
+        t = time.perf_counter()
+        generate(data, SyntheticConfig(n_train=args.n_train, n_dev=100, n_test=args.n_test,
+                                       feature_dim=args.feature_dim, seed=0), progress=False)
+        t_gen = time.perf_counter() - t
+    first_ckpt = args.first_checkpoint
+    if first_ckpt is None:
+        t = time.perf_counter()
+        first_ckpt = train_base.run(model="vse_inf", data_dir=data, out_dir=work / "first",
+                                    model_options={"embed_size": 128, "word_dim": 64},
+                                    train_options={"epochs": args.first_epochs, "batch_size": 128,
+                                                   "seed": 0}, progress=False)["checkpoint"]
+        t_first = time.perf_counter() - t
+        first_label = f"vse_inf, {args.first_epochs} epoch(s) on {args.n_train:,} train images"
+    else:
+        first_label = str(first_ckpt)
+    if args.cross_checkpoint:
+        cross, _ = load_checkpoint(args.cross_checkpoint, data_dir=data)
+        cross_label = f"{cross.name} {args.cross_checkpoint}"
+    elif args.cross_epochs:
         res = train_base.run(model="bfan", data_dir=data, out_dir=work / "cross",
                              model_options=CROSS_WIDTHS,
                              train_options={"epochs": args.cross_epochs, "batch_size": 64, "seed": 0},
                              progress=False)
-        from pipeline.checkpoint import load_checkpoint
         cross, _ = load_checkpoint(res["checkpoint"])
+        cross_label = f"BFAN trained {args.cross_epochs} epoch(s), embed {CROSS_WIDTHS['embed_size']}"
     else:
         torch.manual_seed(0)
-        cross = new_model("bfan", img_dim=args.feature_dim, data_dir=data, **CROSS_WIDTHS).eval()
-    from pipeline.checkpoint import load_checkpoint
-    indep, _ = load_checkpoint(first["checkpoint"])
+        cross = new_model("bfan", img_dim=open_split(data, "test").feature_dim, data_dir=data,
+                          **CROSS_WIDTHS).eval()
+        cross_label = f"BFAN UNTRAINED, embed {CROSS_WIDTHS['embed_size']}"
+    indep, _ = load_checkpoint(first_ckpt, data_dir=data)
     split = open_split(data, "test")
     t = time.perf_counter()
     g1 = encode_gallery(indep, split, batch_size=128)
@@ -104,36 +124,36 @@ def part_embedded(args, work: Path) -> list[str]:
     s2 = gallery.matrix()
     full = evaluate_sims(s2, "full")
     t_full = time.perf_counter() - t
-    t = time.perf_counter()
-    two = evaluate_two_stage(gallery, img, cap, "full", args.k)
-    t_two = time.perf_counter() - t
     first_only = evaluate_sims(img @ cap.T, "full")
-    cov_i, cov_t = top10_inside(img @ cap.T, s2, args.k)
-    trained = f"trained {args.cross_epochs} epoch(s)" if args.cross_epochs else "UNTRAINED"
     n, m = gallery.n_img, gallery.n_cap
-    return [
-        f"### Embedded test split: {n:,} images x {m:,} captions; BFAN ({trained}, embed "
-        f"{CROSS_WIDTHS['embed_size']}), first stage vse_inf ({args.first_epochs} epoch(s) on "
-        f"{args.n_train:,} train images)",
+    lines = [
+        f"### Embedded test split: {n:,} images x {m:,} captions; cross model: {cross_label}; "
+        f"first stage: {first_label}",
         "",
         f"setup (not in the times below): data {t_gen:.1f} s, first-stage training {t_first:.1f} s, "
         f"first-stage encoding {t_enc1:.1f} s, cross encoding {t_enc2:.1f} s",
         "",
-        "| evaluation | cross scores | wall time | speed-up | rsum | i2t R@1 | t2i R@1 | "
+        "| evaluation | cross scores | wall time | speed-up | rsum | rsum - full | i2t R@1 | t2i R@1 | "
         "GT in shortlist i2t / t2i | cross top-10 in shortlist i2t / t2i |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| first stage alone (vse_inf) | 0 | - | - | {first_only['rsum']:.1f} | "
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| first stage alone | 0 | - | - | {first_only['rsum']:.1f} | "
+        f"{first_only['rsum'] - full['rsum']:+.2f} | "
         f"{first_only['i2t_r1']:.1f} | {first_only['t2i_r1']:.1f} | - | - |",
-        f"| full cross matrix | {n * m:,} | {_fmt(t_full)} | 1.0x | {full['rsum']:.1f} | "
+        f"| full cross matrix | {n * m:,} | {_fmt(t_full)} | 1.0x | {full['rsum']:.2f} | - | "
         f"{full['i2t_r1']:.1f} | {full['t2i_r1']:.1f} | - | - |",
-        f"| two-stage K={args.k} | {two['pairs_scored']:,} | {_fmt(t_two)} | {t_full / t_two:.1f}x | "
-        f"{two['rsum']:.1f} | {two['i2t_r1']:.1f} | {two['t2i_r1']:.1f} | "
-        f"{two['gt_in_shortlist_i2t']:.1f}% / {two['gt_in_shortlist_t2i']:.1f}% | "
-        f"{cov_i:.1f}% / {cov_t:.1f}% |",
-        "",
-        f"rsum difference (two-stage - full): {two['rsum'] - full['rsum']:+.2f}",
-        "",
     ]
+    for k in args.k:
+        t = time.perf_counter()
+        two = evaluate_two_stage(gallery, img, cap, "full", k)
+        t_two = time.perf_counter() - t
+        cov_i, cov_t = top10_inside(img @ cap.T, s2, k)
+        lines.append(
+            f"| two-stage K={k} | {two['pairs_scored']:,} | {_fmt(t_two)} | {t_full / t_two:.1f}x | "
+            f"{two['rsum']:.2f} | {two['rsum'] - full['rsum']:+.2f} | {two['i2t_r1']:.1f} | "
+            f"{two['t2i_r1']:.1f} | "
+            f"{two['gt_in_shortlist_i2t']:.1f}% / {two['gt_in_shortlist_t2i']:.1f}% | "
+            f"{cov_i:.1f}% / {cov_t:.1f}% |")
+    return lines + [""]
 
 
 def structured_rows(n_img: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +178,7 @@ def part_coco(args) -> list[str]:
     first_img, first_cap = structured_rows(n, 128, seed=2)
 
     t = time.perf_counter()
-    two = evaluate_two_stage(gallery, first_img, first_cap, "full", args.k)
+    two = evaluate_two_stage(gallery, first_img, first_cap, "full", args.k[0])
     t_two = time.perf_counter() - t
 
     rows = args.slice_rows
@@ -187,7 +207,7 @@ def part_coco(args) -> list[str]:
         f"captions x {n:,} images ({t_loop_slice:.1f} s) | {t_full / t_loop:.2f}x |",
         f"| full matrix (Gallery.block) | {pairs:,} | {_fmt(t_full)} | extrapolated from {rows} "
         f"images x {5 * n:,} captions ({t_slice:.1f} s) | 1.0x |",
-        f"| two-stage K={args.k} | {two['pairs_scored']:,} | {_fmt(t_two)} | measured whole "
+        f"| two-stage K={args.k[0]} | {two['pairs_scored']:,} | {_fmt(t_two)} | measured whole "
         f"(first stage + re-scoring + ranks) | {t_full / t_two:.1f}x |",
         "",
         f"two-stage vs the references' loop: {t_loop / t_two:.0f}x",
@@ -197,7 +217,14 @@ def part_coco(args) -> list[str]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--k", type=int, nargs="+", default=[100],
+                    help="shortlist sizes (the COCO-sized part uses the first)")
+    ap.add_argument("--data", help="an existing data folder (e.g. artifacts/data) instead of "
+                                   "generating one")
+    ap.add_argument("--first-checkpoint", help="the first stage: this indep checkpoint "
+                                               "(e.g. artifacts/base/checkpoint) instead of training one")
+    ap.add_argument("--cross-checkpoint", help="the cross model: this checkpoint (e.g. "
+                                               "artifacts/finetune/bfan-aoq/checkpoint)")
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--feature-dim", type=int, default=256)

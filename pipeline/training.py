@@ -74,6 +74,8 @@ class TrainSettings:
     eval_batch_size: int = 256
     dev_images: int = 0               # validate on the first N dev images (0: all; the
                                       # references use COCO's first 1,000)
+    max_steps: int = 0                # stop after N optimizer steps in all (0: none); the
+                                      # epoch it falls in ends there (dev evaluation, checkpoint)
 
     @classmethod
     def rules(cls) -> dict[str, dict]:
@@ -104,7 +106,7 @@ _RANGES = (("lr", 0, True), ("weight_decay", 0, False), ("lr_decay", 0, True),
            ("seed", 0, False), ("num_workers", 0, False), ("save_every_steps", 0, False),
            ("eval_batch_size", 1, False), ("epochs", 1, False), ("batch_size", 2, False),
            ("lr_update", 1, False), ("region_drop", 0, False), ("token_aug", 0, False),
-           ("dev_images", 0, False))
+           ("dev_images", 0, False), ("max_steps", 0, False))
 
 
 def epoch_lr(settings: TrainSettings, epoch: int) -> float:
@@ -182,7 +184,8 @@ class Trainer:
     @property
     def total_steps(self) -> int:
         """Optimizer steps of the whole run (every epoch drops its incomplete batch)."""
-        return self.s.epochs * (len(self.dataset) // self.s.batch_size)
+        steps = self.s.epochs * (len(self.dataset) // self.s.batch_size)
+        return min(steps, self.s.max_steps) if self.s.max_steps else steps
 
     def save_state(self) -> None:
         opt = self.optimizer.state_dict()
@@ -296,7 +299,11 @@ class Trainer:
         if self.on_start is not None:
             self.on_start(self)
         s = self.s
-        while self.epoch < s.epochs:
+
+        def budget_spent() -> bool:
+            return bool(s.max_steps) and self.global_step >= s.max_steps
+
+        while self.epoch < s.epochs and not budget_spent():
             t0 = time.perf_counter()
             lr = epoch_lr(s, self.epoch)
             for g in self.optimizer.param_groups:
@@ -308,7 +315,7 @@ class Trainer:
             self.model.train()
             bar = progress(total=len(batches), initial=self.step_in_epoch,
                            desc=f"epoch {self.epoch + 1}/{s.epochs}", disable=not self.progress)
-            while self.step_in_epoch < len(batches):
+            while self.step_in_epoch < len(batches) and not budget_spent():
                 # a new loader after on_step_end changed the dataset: workers hold a copy of it
                 loader = DataLoader(self.dataset, batch_sampler=batches[self.step_in_epoch:],
                                     collate_fn=self.collate_fn, num_workers=s.num_workers,
@@ -348,15 +355,16 @@ class Trainer:
                     if stop_after_steps is not None and self.global_step >= stop_after_steps:
                         bar.close()
                         return {"stopped_at_step": self.global_step}
-                    if changed:
+                    if changed or budget_spent():
                         break
             bar.close()
+            steps_done = self.step_in_epoch     # < len(batches) when max_steps cut the epoch
             dev = self.evaluate_dev()
             row = {"epoch": self.epoch + 1, "lr": lr,
                    "max_violation": int(s.max_violation and self.epoch >= s.warmup_epochs),
-                   "train_loss": self.epoch_loss_sum / max(len(batches), 1),
+                   "train_loss": self.epoch_loss_sum / max(steps_done, 1),
                    **{f"dev_{k}": v for k, v in dev.items() if k != "protocol"},
-                   **{f"train_{k}": v / max(len(batches), 1) for k, v in self.epoch_log_sums.items()},
+                   **{f"train_{k}": v / max(steps_done, 1) for k, v in self.epoch_log_sums.items()},
                    "seconds": time.perf_counter() - t0}
             if self.on_epoch_end is not None:
                 row.update(self.on_epoch_end(self))

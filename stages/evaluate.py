@@ -68,8 +68,7 @@ def run(*, checkpoint, data_dir, split: str = "test", protocol: str = "full",
                              progress=progress, source=checkpoint)  # refuses NaN / zero rows
     matrix = None
     graphs_file = Path(data_dir) / f"{split}_graphs.jsonl"
-    # two-stage: the family metrics need the full matrix, so only when asked for by name
-    want_groups = graphs_file.exists() and (not shortlist or groups_json)
+    want_groups = graphs_file.exists()
     if shortlist:
         metrics = two_stage.evaluate_two_stage(
             gallery, first_img, first_cap, protocol,
@@ -95,8 +94,9 @@ def run(*, checkpoint, data_dir, split: str = "test", protocol: str = "full",
         write_json(out_json, metrics)
     result = {"metrics": metrics}
     if want_groups:
+        # two-stage: no full matrix; the entries the family metrics read are scored alone
         result["groups"] = family_evaluation(data_dir, split, np.asarray(matrix) if matrix is not None
-                                             else gallery.matrix())
+                                             else None, gallery=gallery, source=checkpoint)
         if groups_json:
             write_json(groups_json, result["groups"])
     return result
@@ -106,17 +106,26 @@ def _str(path):
     return None if path is None else str(path)
 
 
-def family_evaluation(data_dir, split, sims: np.ndarray, seed: int = 0) -> dict:
-    """Within-family vs random-group retrieval, and pairwise accuracy per edit type."""
+def family_evaluation(data_dir, split, sims: np.ndarray | None, seed: int = 0, *,
+                      gallery=None, source=None) -> dict:
+    """Within-family vs random-group retrieval, and pairwise accuracy per edit type, from the
+    whole matrix `sims`, or (sims None) from the entries they read, scored by `gallery`."""
     from pipeline.data.scene_graphs import family_ids, load_graphs, sibling_pairs
-    from pipeline.evaluation.groups import group_metrics, pairwise_accuracy, random_groups
+    from pipeline.evaluation import two_stage
+    from pipeline.evaluation.groups import group_entries, group_metrics, pairwise_accuracy, random_groups
 
-    graphs = load_graphs(data_dir, split, n_images=len(sims))
+    n_img = len(sims) if sims is not None else gallery.n_img
+    graphs = load_graphs(data_dir, split, n_images=n_img)
     fam = family_ids(graphs)
     size = int(np.bincount(fam).max())
-    within = group_metrics(sims, fam)
-    rand = group_metrics(sims, random_groups(len(fam), size, seed=seed))
+    groups = random_groups(len(fam), size, seed=seed)
     pairs = sibling_pairs(graphs)
+    if sims is None:
+        ii, jj = group_entries(n_img, (fam, groups), pairs)
+        sims = np.full((n_img, gallery.n_cap), np.nan, dtype=np.float32)
+        sims[ii, jj] = two_stage.pair_scores(gallery, ii, jj, source=source)
+    within = group_metrics(sims, fam)
+    rand = group_metrics(sims, groups)
     keep = ("i2t_r1", "t2i_r1", "rsum")
     return {"group_size": size,
             "family": {k: within[k] for k in keep},

@@ -87,6 +87,21 @@ def fixtures(w: Path) -> dict:
     if not fx["emb"].exists():
         assert main(["embed", "--quiet", "--checkpoint", fx["ckpt"], "--data", fx["data"],
                      "--out", fx["emb"]]) == 0
+    fx["cross"] = w / "cross" / "checkpoint"
+    if not fx["cross"].exists():
+        assert main(["train", "--quiet", "--model", "bfan", "--data", fx["data"], "--out", w / "cross",
+                     "--epochs", "1", "--batch-size", "16", "--model-option", "embed_size=16",
+                     "--model-option", "word_dim=8"]) == 0
+    fx["other_vocab"] = w / "other" / "checkpoint"
+    if not fx["other_vocab"].exists():      # trained on a data set of another vocabulary
+        assert main(["prepare-data", "--out", w / "other_data", "--n-train", "50", "--n-dev", "25",
+                     "--n-test", "25", "--feature-dim", "16", "--seed", "7", "--quiet"]) == 0
+        vocab_a = (fx["data"] / "vocab.json").read_text()
+        if (w / "other_data" / "vocab.json").read_text() == vocab_a:
+            (w / "other_data" / "vocab.json").write_text(vocab_a.replace('"a"', '"a_"', 1))
+        assert main(["train", "--quiet", "--model", "vsepp", "--data", w / "other_data", "--out",
+                     w / "other", "--epochs", "1", "--batch-size", "16", "--model-option",
+                     "embed_size=16", "--model-option", "word_dim=8"]) == 0
     if not fx["cand"].exists():
         assert main(["mine-candidates", "--quiet", "--embeddings-dir", fx["emb"], "--out", fx["cand"],
                      "--k-i2t", "20", "--k-t2i", "5", "--name", "t"]) == 0
@@ -422,6 +437,48 @@ def build_cases(w: Path, fx: dict):
         case("files", f"mine embeddings {label}", ["mine-candidates", "--quiet", "--img-embs", i, "--cap-embs", c,
                                                    "--out", out(), "--name", "e"],
              names=[Path(i).name, Path(c).name])
+    # -- cross models: embedding, shortlists, ensembles, re-scoring, sims files
+    cross, other = fx["cross"], fx["other_vocab"]
+    cev = ["evaluate", "--quiet", "--checkpoint", cross, "--data", data, "--split", "test"]
+    case("cross", "embed a cross checkpoint", ["embed", "--quiet", "--checkpoint", cross, "--data", data,
+                                               "--out", out()], names=[str(cross)])
+    case("cross", "mine --checkpoint cross", ["mine-candidates", "--quiet", "--checkpoint", cross,
+                                              "--data", data, "--out", out()], names=[str(cross)])
+    case("cross", "shortlist of the train split", cev + ["--shortlist", emb], names=[str(emb)])
+    case("cross", "shortlist nowhere", cev + ["--shortlist", w / "noshort"])
+    case("cross", "shortlist empty dir", cev + ["--shortlist", adir], names=["a_dir"])
+    case("cross", "shortlist a cross checkpoint", cev + ["--shortlist", cross], names=[str(cross)])
+    case("cross", "shortlist a file", cev + ["--shortlist", afile])
+    case("cross", "shortlist-k 0", cev + ["--shortlist", ckpt, "--shortlist-k", "0"])
+    case("cross", "shortlist-k alone", cev + ["--shortlist-k", "10"])
+    case("cross", "shortlist with sims", cev + ["--shortlist", ckpt, "--sims", w / "runs" / "s.npy"])
+    case("cross", "shortlist from an indep ckpt", cev + ["--shortlist", ckpt, "--shortlist-k", "10"],
+         expect="ok")
+    case("cross", "sims of another shape", cev + ["--sims", w / "arr" / "ok_sims.npy"],
+         names=["ok_sims.npy"])
+    case("cross", "sims onto the data", cev + ["--sims", Path(data) / "test_ims.npy"])
+    case("cross", "ensemble of one", ["ensemble", "--quiet", "--data", data, cross])
+    case("cross", "ensemble vocabularies differ", ["ensemble", "--quiet", "--data", data, ckpt, other],
+         names=[str(other)])
+    case("cross", "ensemble missing member", ["ensemble", "--quiet", "--data", data, ckpt, w / "nockpt"])
+    case("cross", "ensemble bad weights", ["ensemble", "--quiet", "--data", data, "--weights", "1,x",
+                                           ckpt, cross])
+    case("cross", "ensemble negative weights", ["ensemble", "--quiet", "--data", data, "--weights",
+                                                "-1,2", ckpt, cross])
+    case("cross", "ensemble indep + cross", ["ensemble", "--quiet", "--data", data, ckpt, cross],
+         expect="ok")
+    rs = ["mine-candidates", "--quiet", "--embeddings-dir", emb, "--data", data, "--name", "r",
+          "--k-i2t", "10", "--k-t2i", "2"]
+    case("cross", "rescore nowhere", rs + ["--rescore", w / "nockpt", "--out", out()])
+    case("cross", "rescore-k below k", rs + ["--rescore", cross, "--rescore-k", "5", "--out", out()])
+    # the embed folder's metadata names its data folder and split
+    case("cross", "rescore, data from the embeddings", ["mine-candidates", "--quiet", "--embeddings-dir",
+                                                        emb, "--rescore", cross, "--out", out()],
+         expect="ok")
+    # a re-scorer reads the split with its own saved vocabulary, like a cross-data evaluation
+    case("cross", "rescore other vocabulary", rs + ["--rescore", other, "--out", out()], expect="ok")
+    case("cross", "rescore-k alone", rs + ["--rescore-k", "20", "--out", out()])
+    case("cross", "rescore", rs + ["--rescore", cross, "--rescore-k", "20", "--out", out()], expect="ok")
     case("files", "report missing metrics dir", ["report", "--metrics-dir", w / "nometrics", "--out", out()])
     case("files", "candidates-report missing", ["candidates-report", w / "nocand"])
 

@@ -181,3 +181,30 @@ def test_dev_images_validates_on_the_first_images(tiny_data, tmp_path, monkeypat
     assert dev.head(dev.n_images) is dev
     with pytest.raises(ValueError):
         dev.head(0)
+
+
+def test_max_steps_ends_the_run_mid_epoch_and_resumes_exactly(tiny_data, tmp_path):
+    """max_steps: 40 steps of 31-step epochs = epoch 1 and 9 steps of epoch 2, which ends
+    there (dev evaluation, checkpoint); a crash inside the budget resumes to the same run;
+    a budget past the last epoch changes nothing."""
+    opts = _train_opts(save_every_steps=4, max_steps=40)
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_base.run(model="vse_inf", data_dir=tiny_data, out_dir=a, model_options=MODEL_OPTS,
+                   train_options=opts, progress=False)
+    state = json.loads((a / "state" / "trainer.json").read_text())
+    assert state["global_step"] == 40 and state["epoch"] == 2
+    assert len((a / "train_log.tsv").read_text().splitlines()) == 1 + 2
+    res = train_base.run(model="vse_inf", data_dir=tiny_data, out_dir=b, model_options=MODEL_OPTS,
+                         train_options=opts, progress=False, stop_after_steps=38)
+    assert res == {"stopped_at_step": 38}
+    train_base.run(model="vse_inf", data_dir=tiny_data, out_dir=b, model_options=MODEL_OPTS,
+                   train_options=opts, progress=False, resume=True)
+    _assert_same_weights(a, b)
+    assert _log_without_time(a) == _log_without_time(b)
+    c, d = tmp_path / "c", tmp_path / "d"
+    for out, extra in ((c, {}), (d, {"max_steps": 10_000})):
+        train_base.run(model="vse_inf", data_dir=tiny_data, out_dir=out, model_options=MODEL_OPTS,
+                       train_options=_train_opts(epochs=2, **extra), progress=False)
+    _assert_same_weights(c, d)
+    with pytest.raises(InputError, match="max_steps"):
+        TrainSettings.from_dict({"max_steps": -1})

@@ -218,3 +218,42 @@ def test_an_indep_model_is_not_two_staged(ckpt, tiny_data, test_embs):
     img, cap = _first_rows(test_embs)
     with pytest.raises(InputError, match="independent"):
         two_stage.evaluate_two_stage(gallery, img, cap, "full", 10)
+
+
+def test_two_stage_family_metrics_equal_the_full_matrix_ones(bfan_ckpt, tiny_data, test_embs,
+                                                            monkeypatch):
+    """`evaluate --shortlist` scores only the entries the family metrics read (no full
+    matrix), and gets the full matrix's family metrics."""
+    from pipeline.scoring import Gallery
+    from stages import evaluate
+
+    full = evaluate.run(checkpoint=bfan_ckpt, data_dir=tiny_data, split="test", progress=False)
+    assert "groups" in full
+    blocks = []
+    real_block = Gallery.block
+    monkeypatch.setattr(Gallery, "block", lambda self, *a: blocks.append(a) or real_block(self, *a))
+    two = evaluate.run(checkpoint=bfan_ckpt, data_dir=tiny_data, split="test", progress=False,
+                       shortlist=test_embs, shortlist_k=10)
+    assert not blocks                                   # no rectangle of the matrix was scored
+    assert two["groups"] == full["groups"]
+
+
+def test_group_entries_are_what_the_group_metrics_read(tiny_data):
+    from pipeline.evaluation.groups import group_entries, group_metrics, pairwise_accuracy, random_groups
+
+    rng = np.random.default_rng(3)
+    n = 20
+    sims = rng.standard_normal((n, 5 * n)).astype(np.float32)
+    fam, rand = np.arange(n) // 5, random_groups(n, 5, seed=1)
+    pairs = [(0, 1, "swap"), (7, 9, "attr"), (12, 10, "swap")]
+    ii, jj = group_entries(n, (fam, rand), pairs)
+    part = np.full_like(sims, np.nan)
+    part[ii, jj] = sims[ii, jj]
+    for g in (fam, rand):
+        assert group_metrics(part, g) == group_metrics(sims, g)
+    assert pairwise_accuracy(part, pairs) == pairwise_accuracy(sims, pairs)
+    assert len(ii) < sims.size // 2
+    # an entry left out is refused, not silently ranked
+    part[ii[0], jj[0]] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        group_metrics(part, fam)

@@ -52,6 +52,8 @@ def group_ranks(sims, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for images in _group_members(groups, n):
         caps = _caption_ids(images)
         sub = np.asarray(sims[np.ix_(images, caps)])  # (g, 5g), image k owns captions 5k..5k+4
+        if not np.isfinite(sub).all():      # a partial matrix (group_entries) missing an entry
+            raise ValueError(f"non-finite score in the block of the group of image {images[0]}")
         r_i, r_t = ranks_from_matrix(sub, chunk=len(images))
         i2t[images] = r_i
         t2i[caps] = r_t
@@ -110,6 +112,8 @@ def pairwise_accuracy(sims, pairs) -> dict:
         own = np.asarray(sims[i[:, None], caps_i])  # S[i, c]
         other = np.asarray(sims[i[:, None], caps_j])  # S[i, c']
         rival = np.asarray(sims[j[:, None], caps_i])  # S[j, c]
+        if not (np.isfinite(own).all() and np.isfinite(other).all() and np.isfinite(rival).all()):
+            raise ValueError("non-finite score among the pairs' entries")
         i2t_acc[s0:s0 + step] = (own[:, :, None] > other[:, None, :]).mean(axis=(1, 2))
         t2i_acc[s0:s0 + step] = (own > rival).mean(axis=1)
 
@@ -126,3 +130,23 @@ def pairwise_accuracy(sims, pairs) -> dict:
         out[lab] = summary(label_arr == lab)
     out["all"] = summary(np.ones(len(pairs), dtype=bool))
     return dict(out)
+
+
+def group_entries(n_img: int, groupings=(), pairs=()) -> tuple[np.ndarray, np.ndarray]:
+    """(ii, jj): the distinct entries of the score matrix that group_ranks reads for each
+    grouping in `groupings` and pairwise_accuracy for `pairs`, sorted by image then caption.
+    A model whose full matrix is costly (a cross model) scores only these (a partial
+    matrix, the rest NaN: the readers refuse a non-finite entry)."""
+    keys = []
+    n_cap = CAPS_PER_IMAGE * n_img
+    for groups in groupings:
+        for images in _group_members(groups, n_img):
+            caps = _caption_ids(images)
+            keys.append((images[:, None] * n_cap + caps[None, :]).reshape(-1))
+    for i, j, *_ in pairs:
+        ci, cj = _caption_ids(np.array([i])), _caption_ids(np.array([j]))
+        keys += [i * n_cap + ci, i * n_cap + cj, j * n_cap + ci]
+    if not keys:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    keys = np.unique(np.concatenate(keys).astype(np.int64))
+    return keys // n_cap, keys % n_cap
