@@ -220,6 +220,7 @@ def main(argv=None) -> int:
             done = {}
             for v in args.variants:
                 kw = dict(seed=seed, epochs=epochs, train=train)
+                shown_epochs = epochs
                 if v == "aoq+refresh":
                     kw["refresh_steps"] = args.refresh_steps or quarter_epoch_steps(model, data, train)
                 if v.startswith("triplet (AOQ"):
@@ -233,6 +234,7 @@ def main(argv=None) -> int:
                     steps = round(epochs * per_epoch * st["aoq_batched"] / st["triplet"])
                     kw["epochs"] = max(epochs, math.ceil(steps / per_epoch))
                     kw["train"] = {**train, "max_steps": max(steps, epochs * per_epoch)}
+                    shown_epochs = round(kw["train"]["max_steps"] / per_epoch, 2)
                 loss = v.split("+")[0].split(" ")[0]
                 earlier = [x for x in prev.get(v, []) if x.get("seed") == seed
                            and x.get("refresh_steps") == kw.get("refresh_steps")]
@@ -242,9 +244,7 @@ def main(argv=None) -> int:
                     continue
                 res = finetune_and_score(model, base, data, cands, loss,
                                          out / model / f"{v.replace(' ', '_')}-s{seed}", **kw)
-                budget = kw["train"].get("max_steps")
-                res.update(epochs=round(budget / per_epoch, 2) if budget else kw["epochs"],
-                           seed=seed, refresh_steps=kw.get("refresh_steps"))
+                res.update(epochs=shown_epochs, seed=seed, refresh_steps=kw.get("refresh_steps"))
                 done[v] = res
                 r["runs"][v].append(res)
                 print(f"{model} seed {seed} {v}: {res}", flush=True)

@@ -278,6 +278,19 @@ class Gallery:
         return block
 
 
+def checked_pair_scores(gallery, ii, jj, *, source=None, who: str = "the model", tail: str = "",
+                        progress: bool = False, desc: str = "score pairs") -> np.ndarray:
+    """gallery.pair_scores(ii, jj); a non-finite score is an InputError(source) naming the
+    pair: "<who> gives a non-finite score (v) for image i, caption j<tail>"."""
+    out = gallery.pair_scores(ii, jj, progress=progress, desc=desc)
+    bad = np.flatnonzero(~np.isfinite(out))
+    if bad.size:
+        p = int(bad[0])
+        raise InputError(source, f"{who} gives a non-finite score ({out[p]}) for image "
+                                 f"{int(np.asarray(ii)[p])}, caption {int(np.asarray(jj)[p])}{tail}")
+    return out
+
+
 def encode_gallery(model, split, *, batch_size: int = 128, device: str = "cpu",
                    progress: bool = False, source=None) -> Gallery:
     """Encode every unique image and caption of `split` with `model` (on `device`).

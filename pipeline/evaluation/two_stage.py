@@ -111,13 +111,10 @@ def _stage_one(q_rows: np.ndarray, g_rows: np.ndarray, gt_of, k: int, progress: 
 def pair_scores(gallery, ii: np.ndarray, jj: np.ndarray, *, source=None,
                 progress: bool = False) -> np.ndarray:
     """float32 cross scores S[ii[p], jj[p]] (global ids); a non-finite one is an InputError."""
-    out = gallery.pair_scores(ii, jj, progress=progress, desc="cross re-score")
-    ok = np.isfinite(out)
-    if not ok.all():
-        p = int(np.argmin(ok))
-        raise InputError(source, f"the model gives a non-finite score ({out[p]}) for image "
-                                 f"{int(ii[p])}, caption {int(jj[p])}: no metrics")
-    return out
+    from pipeline.scoring import checked_pair_scores
+
+    return checked_pair_scores(gallery, ii, jj, source=source, tail=": no metrics",
+                               progress=progress, desc="cross re-score")
 
 
 # --------------------------------------------------------------------------- ranks

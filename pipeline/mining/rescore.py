@@ -21,6 +21,7 @@ import numpy as np
 from pipeline.data import CAPS_PER_IMAGE
 from pipeline.errors import InputError
 from pipeline.mining.reference import KnnResult
+from pipeline.scoring import checked_pair_scores
 
 
 def shortlist_sizes(rescore_k: int | None, k_i2t: int, k_t2i: int) -> tuple[int, int]:
@@ -30,17 +31,6 @@ def shortlist_sizes(rescore_k: int | None, k_i2t: int, k_t2i: int) -> tuple[int,
         raise InputError("--rescore-k", f"{kp} is below K i2t = {k_i2t}: the shortlist must "
                                         "hold at least the K candidates kept")
     return kp, max(k_t2i, math.ceil(kp * k_t2i / k_i2t))
-
-
-def _pair_scores(gallery, img_ids: np.ndarray, cap_ids: np.ndarray, source, desc: str,
-                 progress: bool) -> np.ndarray:
-    """float32 scores of the pairs (img_ids[p], cap_ids[p]) under the gallery's model."""
-    out = gallery.pair_scores(img_ids, cap_ids, progress=progress, desc=desc)
-    if not np.isfinite(out).all():
-        p = int(np.flatnonzero(~np.isfinite(out))[0])
-        raise InputError(source, f"the re-scorer gives a non-finite score for image "
-                                 f"{int(img_ids[p])}, caption {int(cap_ids[p])}")
-    return out
 
 
 def _reorder(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,7 +55,8 @@ def rescore_knn(knn: KnnResult, gallery, k_i2t: int, k_t2i: int, *, source=None,
         q = np.repeat(np.arange(queries), kp)
         flat = ids.reshape(-1).astype(np.int64)
         img_ids, cap_ids = (q, flat) if name == "i2t" else (flat, q)
-        s = _pair_scores(gallery, img_ids, cap_ids, source, f"re-score {name}", progress)
+        s = checked_pair_scores(gallery, img_ids, cap_ids, source=source, who="the re-scorer",
+                                progress=progress, desc=f"re-score {name}")
         out[name] = _reorder(ids, s.reshape(queries, kp), k)
         stats[f"rescored_pairs_{name}"] = int(s.size)
     return KnnResult(out["i2t"][0], out["i2t"][1], out["t2i"][0], out["t2i"][1], stats)
